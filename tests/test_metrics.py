@@ -1,0 +1,262 @@
+"""metrics.py against scikit-learn, SciPy and small cases worked out by hand."""
+import time
+from math import comb
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import binomtest
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss, roc_auc_score
+
+from helpers import metrics as M
+
+DX = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
+BINARY = ("benign", "malignant")
+
+
+def make_pred(probs, labels, lesions=None, classes=DX, prefix="img"):
+    """A prediction table in the project's format; one lesion per image unless ``lesions`` is given."""
+    probs, labels = np.asarray(probs, dtype=float), np.asarray(labels)
+    n = len(labels)
+    pred = pd.DataFrame({"image_id": [f"{prefix}{i}" for i in range(n)],
+                         "lesion_id": lesions if lesions is not None else [f"les{i}" for i in range(n)],
+                         "label": labels, "pred": probs.argmax(axis=1)})
+    for k, c in enumerate(classes):
+        pred[f"p_{c}"] = probs[:, k]
+    return pred
+
+
+def random_pred(n=400, classes=DX, seed=0, signal=1.0):
+    """Probabilities that carry some information about the label (so AUCs are not all 0.5)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, len(classes), n)
+    logits = rng.normal(size=(n, len(classes))) + signal * np.eye(len(classes))[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    return make_pred(probs, labels, classes=classes)
+
+
+# ----------------------------------------------------------------------------------------------------- summary
+def test_summary_matches_sklearn_seven_classes():
+    pred = random_pred()
+    probs, y = M.prob_matrix(pred, DX), pred.label.to_numpy()
+    s = M.summary(pred, DX)
+    assert s["accuracy"] == pytest.approx(accuracy_score(y, probs.argmax(1)))
+    assert s["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, probs.argmax(1)))
+    assert s["auc"] == pytest.approx(roc_auc_score(y, probs, multi_class="ovr", average="macro"))
+    assert s["log_loss"] == pytest.approx(log_loss(y, probs))
+    malignant = np.isin(y, [0, 1, 4])
+    assert s["malignancy_auc"] == pytest.approx(roc_auc_score(malignant, probs[:, [0, 1, 4]].sum(1)))
+    assert "sensitivity" not in s and "specificity" not in s  # no threshold given
+
+
+def test_summary_binary_and_threshold():
+    pred = random_pred(classes=BINARY, seed=1)
+    y, p = pred.label.to_numpy(), pred.p_malignant.to_numpy()
+    s = M.summary(pred, BINARY, threshold=0.5)
+    assert s["auc"] == pytest.approx(roc_auc_score(y, p)) == pytest.approx(s["malignancy_auc"])
+    assert s["sensitivity"] == pytest.approx(np.mean(p[y == 1] >= 0.5))
+    assert s["specificity"] == pytest.approx(np.mean(p[y == 0] < 0.5))
+
+
+def test_no_malignancy_view_for_other_classes():
+    classes = ("cat", "dog", "fox")
+    s = M.summary(random_pred(classes=classes), classes, threshold=0.5)
+    assert "malignancy_auc" not in s and "sensitivity" not in s
+    with pytest.raises(ValueError):
+        M.malignancy_score(random_pred(classes=classes), classes)
+
+
+def test_prob_matrix_names_missing_column():
+    with pytest.raises(KeyError, match="p_vasc"):
+        M.prob_matrix(random_pred().drop(columns="p_vasc"), DX)
+
+
+# ------------------------------------------------------------------------------------------------- threshold
+def test_threshold_for_sensitivity_is_the_highest_that_reaches_target():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 300)
+    score = np.round(rng.random(300) * 0.6 + 0.4 * y, 2)  # rounded: ties, as real scores have
+    t = M.threshold_for_sensitivity(y, score, target=0.95)
+    sensitivity = lambda thr: np.mean(score[y == 1] >= thr)
+    assert sensitivity(t) >= 0.95
+    higher = np.unique(score[score > t])
+    assert all(sensitivity(h) < 0.95 for h in higher), "a higher threshold would also reach the target"
+
+
+def test_threshold_for_sensitivity_hand_case():
+    # positives score 0.9, 0.8, 0.7, 0.2: 75% sensitivity needs 3 of 4, so t = 0.7
+    y = np.array([1, 1, 1, 1, 0, 0])
+    score = np.array([0.9, 0.8, 0.7, 0.2, 0.75, 0.1])
+    assert M.threshold_for_sensitivity(y, score, target=0.75) == pytest.approx(0.7)
+    assert M.threshold_for_sensitivity(y, score, target=1.0) == pytest.approx(0.2)
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+def test_ece_zero_when_each_bin_is_calibrated():
+    # 10 images at confidence 0.8 of which 8 right, 10 at 0.6 of which 6 right: accuracy equals confidence
+    probs = np.array([[0.8, 0.2]] * 10 + [[0.6, 0.4]] * 10)
+    labels = np.array([0] * 8 + [1] * 2 + [0] * 6 + [1] * 4)
+    assert M.expected_calibration_error(probs, labels, n_bins=10) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_ece_hand_computed():
+    # bin (0.9, 1.0]: conf 0.95, 0.95, acc 1/2 -> gap 0.45; bin (0.6, 0.7]: conf 0.7, acc 1 -> gap 0.3
+    # bin (0.5, 0.6]: conf 0.55, acc 0 -> gap 0.55. ECE = (2 * 0.45 + 0.3 + 0.55) / 4
+    probs = np.array([[0.95, 0.05], [0.05, 0.95], [0.3, 0.7], [0.55, 0.45]])
+    labels = np.array([0, 0, 1, 1])
+    expected = (2 * 0.45 + 0.3 + 0.55) / 4
+    assert M.expected_calibration_error(probs, labels, n_bins=10) == pytest.approx(expected)
+    table = M.reliability_table(probs, labels, n_bins=10)
+    assert list(table.columns[:2]) == ["bin", "lower"] and {"confidence", "accuracy", "count"} <= set(table)
+    assert table["count"].sum() == 4 and table.loc[9, "count"] == 2 and table.loc[9, "accuracy"] == 0.5
+    assert table.loc[6, "confidence"] == pytest.approx(0.7) and table.loc[0, "count"] == 0
+
+
+# -------------------------------------------------------------------------------------------------- bootstrap
+def lesion_data(n_lesions, images_per_lesion, seed=0):
+    """Each lesion's images share one prediction (identical copies): the evidence is n_lesions, not n_images."""
+    rng = np.random.default_rng(seed)
+    right = rng.random(n_lesions) < 0.7
+    labels = np.repeat(rng.integers(0, 2, n_lesions), images_per_lesion)
+    correct = np.repeat(right, images_per_lesion)
+    p1 = np.where(correct == (labels == 1), 0.8, 0.2)
+    lesions = np.repeat([f"les{i}" for i in range(n_lesions)], images_per_lesion)
+    return make_pred(np.c_[1 - p1, p1], labels, lesions=lesions, classes=BINARY)
+
+
+def width(ci):
+    return ci[2] - ci[1]
+
+
+def test_bootstrap_ci_contains_point_and_narrows_with_more_data():
+    small, large = lesion_data(50, 1, seed=1), lesion_data(800, 1, seed=1)
+    ci_small = M.bootstrap_ci(small, M.accuracy, n_boot=300)
+    ci_large = M.bootstrap_ci(large, M.accuracy, n_boot=300)
+    for point, low, high in (ci_small, ci_large):
+        assert low <= point <= high
+    assert width(ci_large) < 0.5 * width(ci_small)
+
+
+def test_bootstrap_resamples_lesions_not_images():
+    # 60 lesions x 10 identical images: lesion resampling sees 60 units, image resampling 600 (~sqrt(10) narrower)
+    pred = lesion_data(60, 10, seed=2)
+    by_lesion = M.bootstrap_ci(pred, M.accuracy, n_boot=300, seed=0)
+    by_image = M.bootstrap_ci(pred, M.accuracy, n_boot=300, seed=0, group="image_id")
+    assert by_lesion[0] == by_image[0]
+    assert width(by_lesion) > 2 * width(by_image)
+    # and it matches the width for 60 one-image lesions with the same outcomes
+    one_each = pred.drop_duplicates("lesion_id")
+    assert width(by_lesion) == pytest.approx(width(M.bootstrap_ci(one_each, M.accuracy, n_boot=300)), rel=0.3)
+
+
+def test_bootstrap_keeps_a_lesion_s_images_together():
+    pred = lesion_data(20, 3)
+    rows_per_lesion = []
+
+    def record(d):
+        rows_per_lesion.extend(d.groupby("lesion_id").size())
+        return 0.0
+
+    M.bootstrap_ci(pred, record, n_boot=20)
+    # a lesion drawn m times brings 3m rows: all of its images, every time
+    assert len(rows_per_lesion) > 20 and all(n % 3 == 0 for n in rows_per_lesion)
+
+
+@pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
+def test_bootstrap_survives_a_class_missing_from_some_resamples():
+    # a 3-class task where class 2 has a single lesion: ~37% of resamples lack it and AUC is undefined there
+    pred = random_pred(n=40, classes=("a", "b", "c"), seed=4)
+    pred["label"] = np.where(np.arange(40) == 0, 2, pred.label % 2)
+    point, low, high = M.bootstrap_ci(pred, lambda d: M.macro_auc(d, ("a", "b", "c")), n_boot=100)
+    assert low <= point <= high
+    table = M.summary_with_ci(pred, ("a", "b", "c"), n_boot=50)
+    assert table.notna().all().all()
+
+
+def test_bootstrap_errors_when_most_resamples_fail():
+    # class "c" has no images at all: its AUC is undefined in every resample, which must not pass silently
+    pred = random_pred(n=30, classes=("a", "b", "c"), seed=5)
+    pred["label"] %= 2
+    with pytest.raises(ValueError, match="failed on 50 of 50 bootstrap resamples"):
+        M.bootstrap_ci(pred, lambda d: M.macro_auc(d, ("a", "b", "c")), n_boot=50)
+
+
+def test_auc_undefined_raises():
+    pred = random_pred(n=30, classes=BINARY, seed=5).assign(label=0)
+    with pytest.raises(ValueError, match="AUC undefined"):
+        M.macro_auc(pred, BINARY)
+    with pytest.raises(ValueError, match="AUC undefined"):
+        M.malignancy_auc(pred, BINARY)
+
+
+def test_bootstrap_is_fast_enough():
+    pred = lesion_data(1000, 1)
+    pred = pd.concat([pred, lesion_data(250, 2, seed=9).assign(lesion_id=lambda d: "x" + d.lesion_id,
+                                                                 image_id=lambda d: "x" + d.image_id)])
+    start = time.perf_counter()
+    M.bootstrap_ci(pred, lambda d: float(np.mean(d["label"].to_numpy() == d["pred"].to_numpy())), n_boot=1000)
+    assert time.perf_counter() - start < 5
+
+
+def test_summary_with_ci_table():
+    pred = random_pred(n=300, seed=6)
+    table = M.summary_with_ci(pred, DX, threshold=0.3, n_boot=40)
+    assert list(table.columns) == ["metric", "value", "ci_low", "ci_high"]
+    assert set(table.metric) == set(M.summary(pred, DX, 0.3))
+    assert (table.ci_low <= table.value).all() and (table.value <= table.ci_high).all()
+
+
+# ------------------------------------------------------------------------------------------------------ tables
+def test_confusion_and_classification_table():
+    probs = np.eye(3)[[0, 0, 1, 2, 2, 2]]
+    pred = make_pred(probs, [0, 1, 1, 2, 2, 0], classes=("a", "b", "c"))
+    cm = M.confusion(pred, ("a", "b", "c"))
+    assert cm.loc["a", "a"] == 1 and cm.loc["b", "a"] == 1 and cm.loc["a", "c"] == 1 and cm.values.sum() == 6
+    table = M.classification_table(pred, ("a", "b", "c"))
+    assert table.loc["c", "precision"] == pytest.approx(2 / 3) and table.loc["c", "recall"] == 1.0
+    assert table.loc["b", "support"] == 2 and "macro avg" in table.index
+
+
+# ---------------------------------------------------------------------------------------------- model comparison
+def test_mcnemar_known_discordance():
+    # 30 images: both right on 10, both wrong on 5, only A right on 12 (b), only B right on 3 (c)
+    labels = np.zeros(30, dtype=int)
+    right_a = np.r_[np.ones(10), np.zeros(5), np.ones(12), np.zeros(3)].astype(bool)
+    right_b = np.r_[np.ones(10), np.zeros(5), np.zeros(12), np.ones(3)].astype(bool)
+    a = make_pred(np.eye(2)[(~right_a).astype(int)], labels, classes=BINARY)
+    b = make_pred(np.eye(2)[(~right_b).astype(int)], labels, classes=BINARY).iloc[::-1]  # order must not matter
+    result = M.mcnemar(a, b)
+    assert (result["b"], result["c"]) == (12, 3)
+    assert result["p_value"] == pytest.approx(binomtest(12, 15, 0.5).pvalue)
+    # two-sided exact binomial by hand: P(X >= 12) + P(X <= 3) for X ~ Bin(15, 1/2)
+    assert result["p_value"] == pytest.approx(2 * sum(comb(15, k) for k in range(12, 16)) / 2 ** 15)
+
+
+def test_comparisons_refuse_different_images():
+    a, b = random_pred(n=20), random_pred(n=21)
+    with pytest.raises(ValueError, match="different images"):
+        M.mcnemar(a, b)
+    with pytest.raises(ValueError, match="different images"):
+        M.paired_bootstrap_diff(a, b, M.accuracy, n_boot=10)
+
+
+def test_paired_bootstrap_diff():
+    a = random_pred(n=300, seed=7, signal=3.0)
+    b = random_pred(n=300, seed=7, signal=0.5)
+    diff, low, high = M.paired_bootstrap_diff(a, b, M.accuracy, n_boot=300)
+    assert diff == pytest.approx(M.accuracy(a) - M.accuracy(b))
+    assert 0 < low <= diff <= high
+    same = M.paired_bootstrap_diff(a, a, M.accuracy, n_boot=50)
+    assert same == (0.0, 0.0, 0.0)  # same resample for both: a model never differs from itself
+
+
+def test_majority_baseline():
+    labels = [5] * 8 + [0, 1, 2, 3, 4, 6]  # nv is 8 of 14 images
+    test_df = pd.DataFrame({"image_id": [f"i{k}" for k in range(14)], "lesion_id": [f"l{k}" for k in range(14)],
+                            "label": labels})
+    pred = M.majority_predictions(test_df, DX, majority_label=5)
+    s = M.summary(pred, DX)
+    assert s["accuracy"] == pytest.approx(8 / 14)
+    assert s["balanced_accuracy"] == pytest.approx(1 / 7)  # recall 1 on nv, 0 on the six others
+    assert s["auc"] == pytest.approx(0.5) and s["malignancy_auc"] == pytest.approx(0.5)
+    np.testing.assert_allclose(M.prob_matrix(pred, DX).sum(axis=1), 1.0)

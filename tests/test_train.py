@@ -1,0 +1,109 @@
+"""The training loop: resumable, deterministic on CPU, refuses bad settings, stops on a diverging loss."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from helpers import train as T
+from helpers.model import build_model
+
+
+def tiny_data(n=48, classes=3, size=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % classes
+    x = torch.randint(0, 60, (n, 3, size, size), generator=g, dtype=torch.uint8)
+    x[:, 0] += (y * 60).to(torch.uint8).view(-1, 1, 1)  # class signal in the red channel
+    return x, y
+
+
+RECIPE = dict(arch="resnet18", epochs=3, batch_size=16, optimizer="adamw", lr=1e-3, schedule="onecycle",
+              augment="strong", select_metric="val_loss", seed=3, run_name="test", head="seed")
+
+
+def train_once(tmp_path=None, stop_after=None, **over):
+    torch.manual_seed(123)  # model init is not part of fit: fix it here
+    model = build_model("resnet18", 3, head="seed")
+    return T.fit(model, tiny_data(), tiny_data(24, seed=1), {**RECIPE, **over}, tmp_path, device="cpu",
+                 progress=False, stop_after_epochs=stop_after)
+
+
+def test_deterministic_on_cpu():
+    _, h1, _ = train_once()
+    _, h2, _ = train_once()
+    cols = ["train_loss", "train_acc", "val_loss", "val_acc", "val_bal_acc"]
+    pd.testing.assert_frame_equal(h1[cols], h2[cols])
+
+
+def test_interrupted_run_resumes_to_the_same_result(tmp_path):
+    m_full, h_full, _ = train_once(tmp_path / "a")
+    m_part, h_part, info = train_once(tmp_path / "b", stop_after=1)
+    assert len(h_part) == 1 and not info["finished"]
+    m_res, h_res, info = train_once(tmp_path / "b")  # a fresh process would do exactly this
+    assert info["finished"] and len(h_res) == 3
+    cols = ["train_loss", "val_loss", "val_acc"]
+    pd.testing.assert_frame_equal(h_full[cols], h_res[cols])
+    for (k, a), b in zip(m_full.state_dict().items(), m_res.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_finished_run_is_loaded_not_retrained(tmp_path):
+    _, h1, _ = train_once(tmp_path)
+    _, h2, info = train_once(tmp_path)
+    pd.testing.assert_frame_equal(h1, h2)  # identical, seconds included: nothing ran again
+    assert info["epochs_run"] == 3
+
+
+def test_changed_recipe_does_not_silently_reuse_a_checkpoint(tmp_path):
+    train_once(tmp_path, stop_after=1)
+    with pytest.raises(RuntimeError, match="different recipe"):
+        train_once(tmp_path, lr=5e-4)
+
+
+def test_best_epoch_weights_are_restored(tmp_path):
+    model, hist, info = train_once(select_metric="val_acc")
+    best = hist.val_acc.idxmax() + 1
+    assert info["best_epoch"] == best
+    probs = T.predict_proba(model, tiny_data(24, seed=1)[0], device=torch.device("cpu"))
+    assert T.scores(probs, tiny_data(24, seed=1)[1].numpy())["val_acc"] == pytest.approx(hist.val_acc.max())
+
+
+def test_early_stopping(tmp_path):
+    _, hist, info = train_once(epochs=8, patience=1, lr=1e-9, select_metric="val_acc")
+    assert info["finished"] and len(hist) < 8
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+    train_once(tmp_path, stop_after=1)
+    before = (tmp_path / "last.pt").read_bytes()
+    x, y = tiny_data()
+    x_bad = x.clone()
+    model = build_model("resnet18", 3, head="seed")
+    with torch.no_grad():
+        model.fc[1].weight.fill_(float("nan"))
+    with pytest.raises(T.TrainingDiverged, match="epoch 1"):
+        T.fit(model, (x_bad, y), tiny_data(24, seed=1), RECIPE, tmp_path / "other", device="cpu", progress=False)
+    assert (tmp_path / "last.pt").read_bytes() == before
+    assert not (tmp_path / "other" / "last.pt").exists()
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"optimizer": "adagrad"}, "optimizer"), ({"epochs": 0}, "epochs"), ({"lr": -1}, "lr"),
+    ({"schedule": "step"}, "schedule"), ({"learning_rate": 1}, "unknown recipe setting")])
+def test_bad_recipe_settings_are_refused(bad, match):
+    with pytest.raises((ValueError, KeyError), match=match):
+        T.resolve_recipe({**RECIPE, **bad})
+
+
+def test_class_weighting_and_balanced_sampling_run():
+    for over in ({"class_weighting": "balanced"}, {"sampler": "balanced"}, {"optimizer": "sgd", "schedule": "cosine"}):
+        _, hist, _ = train_once(epochs=1, **over)
+        assert np.isfinite(hist.train_loss).all()
+
+
+def test_subsample_keeps_lesions_whole_and_classes_present():
+    df = pd.DataFrame({"lesion_id": [f"L{i // 2}" for i in range(200)],
+                       "dx": ["nv"] * 140 + ["mel"] * 40 + ["df"] * 20})
+    sub = T.subsample(df, 50, seed=0)
+    assert set(sub.dx) == {"nv", "mel", "df"}
+    assert sub.groupby("lesion_id").size().eq(2).all()
+    assert 40 <= len(sub) <= 60
