@@ -26,7 +26,7 @@ fi
 
 # A full regeneration: the previous run's generated reports go (the image cache and checkpoints stay).
 mkdir -p "$OUT"
-find "$OUT" -mindepth 1 -maxdepth 1 ! -name smoke ! -name '.gitkeep' -exec rm -rf {} +
+find "$OUT" -mindepth 1 -maxdepth 1 ! -name smoke ! -name 'benchmark*' -exec rm -rf {} +
 mkdir -p "$OUT/notebooks"
 echo "notebook,profile,seconds,status" > "$OUT/timings.csv"
 echo "[run_all] profile $PROFILE -> $OUT"
