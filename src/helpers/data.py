@@ -53,7 +53,8 @@ def find_dataset(data_dir: str | os.PathLike | None = None, handle: str = KAGGLE
     if data_dir:
         path = Path(data_dir).expanduser()
         if not path.is_dir():
-            raise FileNotFoundError(f"data folder {path} does not exist (from data_dir or $HAM10000_DIR)")
+            raise FileNotFoundError(f"data folder {path} does not exist (from data_dir or $HAM10000_DIR; a relative "
+                                    f"path is taken from the working directory {Path.cwd()})")
         return path
     try:
         import kagglehub
