@@ -13,7 +13,7 @@ ROOT=$(cd "$(dirname "$0")" && pwd)
 # Notebooks run with notebooks/ as their working directory: make paths given relative to the caller's absolute.
 for var in HAM10000_DIR KAGGLEHUB_CACHE TORCH_HOME HAM_REPORTS_DIR HAM_MODELS_DIR HAM_CACHE_DIR; do
   val=${!var:-}
-  if [ -n "$val" ] && [ "${val#/}" = "$val" ]; then export "$var=$PWD/$val"; fi
+  if [ -n "$val" ] && [ "${val#/}" = "$val" ]; then export "$var=$(realpath -m "$val")"; fi
 done
 cd "$ROOT"
 PROFILE=${1:-full}

@@ -148,8 +148,10 @@ def compare_runs(cfg: dict, reports: Path, names=None, n_boot: int | None = None
     display_table = pd.DataFrame({LABELS[c]: [fmt_ci(v, *ci) if isinstance(ci, tuple) else "–"
                                               for v, ci in zip(table[c], table[f"{c}_ci"])] for c in HEADLINE
                                   if table[c].notna().any()}, index=table.index)
-    for c in ("trainable params", "epochs", "train s", "img/s"):
-        display_table[c] = table[c]
+    display_table["trainable params"] = [f"{int(v):,}" for v in table["trainable params"]]
+    display_table["epochs"] = table["epochs"]
+    for c in ("train s", "img/s"):
+        display_table[c] = [f"{v:.1f}" if pd.notna(v) and v else "–" for v in table[c]]
 
     best = max(runs, key=lambda n: rows[n]["val AUC"])  # chosen on validation, never on test
     paired = []
@@ -174,6 +176,7 @@ def compare_runs(cfg: dict, reports: Path, names=None, n_boot: int | None = None
                                                     f"Validation curves — {line}"), out / "history_overlay.png"),
     }
     table.drop(columns=[f"{c}_ci" for c in HEADLINE]).to_csv(out / "comparison.csv", float_format="%.4f")
+    display_table.to_csv(out / "comparison_ci.csv")  # the same numbers as shown, with intervals (index page)
     return dict(table=table, display=display_table, paired=pd.DataFrame(paired), best=best, runs=runs,
                 figures=figures, provenance=first["meta"]["provenance"], provenance_line=line)
 
@@ -185,7 +188,9 @@ def write_summary(cfg: dict, comp: dict, reports: Path) -> dict:
                 f"(seed {p['split_seed']}), **{p['weights']}**, profile **{p['profile']}**, commit "
                 f"`{p['git_commit']}`, {p['device']}, {p['date']}. 95% bootstrap intervals over lesions; "
                 f"best run chosen on validation AUC: **{comp['best']}**.\n\n"
-                + comp["display"].to_markdown() + "\n")
+                + comp["display"].to_markdown() + "\n\n"
+                "ECE is biased upward when a resample repeats images, so its interval can sit above the point "
+                "estimate; read it as a range of plausible values, not centred on it.\n")
     paired_md = comp["paired"].to_markdown(index=False) if len(comp["paired"]) else "(only one run)"
     packages = ", ".join(f"{k} {v}" for k, v in p["packages"].items())
     text = f"""# Summary of the {p['profile']} run
@@ -234,8 +239,8 @@ def write_index(reports: Path) -> Path:
     imgs = "\n".join(f'<figure><img src="{f}" style="max-width:100%"><figcaption>{html.escape(f)}</figcaption>'
                      f'</figure>' for f in figs)
     table = ""
-    if (reports / "compare" / "comparison.csv").exists():
-        table = pd.read_csv(reports / "compare" / "comparison.csv", index_col=0).to_html(float_format="%.3f")
+    if (reports / "compare" / "comparison_ci.csv").exists():
+        table = pd.read_csv(reports / "compare" / "comparison_ci.csv", index_col=0).to_html()
     summary = (reports / "summary.md").read_text() if (reports / "summary.md").exists() else ""
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>HAM10000 ResNets — reports</title>
 <style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse}}

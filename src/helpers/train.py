@@ -19,7 +19,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: they render in JupyterLab and in the HTML reports alike, no widgets
 
 from .augment import make_augment, to_input
 from .model import count_parameters, train_mode
