@@ -39,7 +39,9 @@ def git_commit() -> str:
         root = Path(__file__).resolve().parent
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
                              timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        # Generated outputs (reports/, the README's results block) do not make the code "uncommitted".
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                ":(top,exclude)reports", ":(top,exclude)README.md"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return (sha + ("+uncommitted" if dirty else "")) if sha else "unknown"
     except (OSError, subprocess.SubprocessError):
