@@ -6,6 +6,9 @@
 #   ./run_all.sh                    # full analysis (sized for a GPU)
 #   ./run_all.sh quick              # whole pipeline on a 2-core CPU in ~15 minutes
 #   ./run_all.sh full -p weights none -p data_dir /path/to/ham10000
+#   FRESH=1 ./run_all.sh quick      # retrain from scratch: drop this profile's checkpoints first
+#
+# Checkpoints in models/<profile>/ are reused: an interrupted run resumes, a finished one is loaded, not retrained.
 #
 # Stops at the first failing notebook, names it, keeps its partial output and exits non-zero.
 set -euo pipefail
@@ -30,6 +33,10 @@ if [ "$PROFILE" = full ] && [ -z "${ALLOW_CPU:-}" ] && ! "$PY" -c "import torch,
 fi
 
 # A full regeneration: the previous run's generated reports go (the image cache and checkpoints stay).
+if [ -n "${FRESH:-}" ]; then
+  MODELS=$("$PY" -c "from helpers.config import output_dirs; print(output_dirs()['models'] / '$PROFILE')")
+  echo "[run_all] FRESH: removing checkpoints $MODELS"; rm -rf "$MODELS"
+fi
 mkdir -p "$OUT"
 find "$OUT" -mindepth 1 -maxdepth 1 ! -name smoke ! -name 'benchmark*' -exec rm -rf {} +
 mkdir -p "$OUT/notebooks"
