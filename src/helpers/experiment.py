@@ -28,7 +28,7 @@ from .config import output_dirs, recipe as get_recipe, weights_label
 from .explain import gradcam, last_conv_layer
 from .report import model_card
 from .model import build_model, count_parameters, load_trained, save_trained
-from .train import fit, pick_device, predict_proba, subsample
+from .train import fit, pick_device, predict_proba, seed_everything, subsample
 
 log = logging.getLogger(__name__)
 
@@ -146,6 +146,7 @@ def run_recipe(cfg: dict, arch: str, recipe_name: str, data: dict, progress: boo
     x_train, y_train = tensors["train"]
     train = (x_train[mask], y_train[mask])
 
+    seed_everything(r["seed"])  # the initial weights too, not only fit's shuffling and augmentation
     model = build_model(arch, len(classes), cfg["weights"], r["freeze_backbone"], r["head"], r["dropout"])
     t0 = time.perf_counter()
     model, history, info = fit(model, train, tensors["val"], r, ckpt_dir, device=device, progress=progress)
