@@ -16,10 +16,15 @@ from helpers.synthetic import make_fake_ham10000
 NOT_ON_CPU = {"compile s", "peak GPU mem (GiB)"}
 
 
-def table_rows(text: str) -> list[dict]:
-    lines = [line for line in text.splitlines() if line.startswith("|")]
-    header = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+def tables(text: str) -> list[list[dict]]:
+    """Every markdown table in ``text``, as rows of {column: cell}."""
+    found = []
+    for block in text.split("\n\n"):
+        lines = [line for line in block.splitlines() if line.startswith("|")]
+        if lines:
+            header = [c.strip() for c in lines[0].strip("|").split("|")]
+            found.append([dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]])
+    return found
 
 
 def test_bench_smoke_on_cpu(tmp_path):
@@ -37,7 +42,7 @@ def test_bench_smoke_on_cpu(tmp_path):
     header = next(line for line in out.read_text().splitlines() if line.startswith("Device:"))
     for part in ("torch", "image 32x32", "batch 4", "fp32"):
         assert part in header
-    rows = table_rows(result.stdout)
+    rows, augment = tables(out.read_text())
     assert [r["config"] for r in rows] == list(CONFIGS)
     for row in rows:
         assert list(row) == list(COLUMNS)
@@ -46,3 +51,6 @@ def test_bench_smoke_on_cpu(tmp_path):
                 assert row[column] == "n/a", (row["config"], column)
             else:
                 assert float(row[column].replace(",", "")) > 0, (row["config"], column, row[column])
+    assert [r["augmentation"] for r in augment] == ["kornia, whole batch", "torchvision v2, loop over images",
+                                                    "torchvision v2, whole batch"]
+    assert all(float(r["img/s"].replace(",", "")) > 0 for r in augment)

@@ -7,7 +7,9 @@ For each model configuration this measures, with the same model, batch and preci
    kornia augmentation on the device, autocast, backward, optimiser step;
 3. a **seed-style loop**: a torch ``DataLoader`` decoding JPEGs with torchvision transforms in worker processes,
    fp32, batch 32 (how the first seeds trained), on the same images;
-4. **evaluation**: ``train.predict_proba`` over uint8 images.
+4. **evaluation**: ``train.predict_proba`` over uint8 images;
+5. **augmentation alone**, the reason for kornia: its per-sample random batch transforms against torchvision v2 on
+   tensors, which draws one set of parameters per call (so per-sample means a Python loop over the batch).
 
 Plus one-time costs: building the decoded-image cache, ``torch.compile`` (with ``--compile``) and peak GPU memory.
 The numbers are speeds, not accuracies; nothing here asserts a speed. Run ``python -m helpers.bench --help``.
@@ -233,6 +235,27 @@ def measure_eval(model, s: Setup) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def tv_strong():
+    """torchvision v2's nearest counterpart of the ``strong`` kornia recipe (v2's affine pads with zeros, not by
+    reflection), for one image or a whole batch given one parameter draw."""
+    from torchvision.transforms import v2
+
+    return v2.Compose([v2.RandomHorizontalFlip(), v2.RandomVerticalFlip(),
+                       v2.RandomAffine(degrees=180.0, translate=(0.05, 0.05), scale=(0.85, 1.15)),
+                       v2.RandomApply([v2.ColorJitter(0.2, 0.2, 0.2, 0.02)], p=0.8)])
+
+
+def measure_augment(s: Setup) -> list[dict]:
+    """Images/s of the strong augmentation alone on one float batch on the device, three ways."""
+    x = s.x_train[:s.batch].to(s.device).float().div_(255)
+    kornia_aug, tv = make_augment("strong").to(s.device), tv_strong()
+    ways = [("kornia, whole batch", "yes", lambda: kornia_aug(x)),
+            ("torchvision v2, loop over images", "yes", lambda: torch.stack([tv(img) for img in x])),
+            ("torchvision v2, whole batch", "no (one draw per batch)", lambda: tv(x))]
+    return [{"augmentation": name, "per-sample parameters": per_sample,
+             "img/s": len(x) / seconds_per_step(fn, s.steps, s.warmup, s.device)} for name, per_sample, fn in ways]
+
+
 def release(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
@@ -271,14 +294,14 @@ def fmt(value) -> str:
     return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
 
 
-def markdown_table(rows: list[dict]) -> str:
-    align = ["---" if c == "config" else "---:" for c in COLUMNS]  # numbers right-aligned
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(fmt(row[c]) for c in COLUMNS) + " |" for row in rows]
+def markdown_table(rows: list[dict], columns=COLUMNS) -> str:
+    align = ["---:" if isinstance(rows[0][c], (int, float)) or rows[0][c] is None else "---" for c in columns]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(fmt(row[c]) for c in columns) + " |" for row in rows]
     return "\n".join(lines)
 
 
-def report(rows: list[dict], s: Setup, data: dict, cache: dict, profile: str) -> str:
+def report(rows: list[dict], s: Setup, data: dict, cache: dict, profile: str, aug_rows: list[dict]) -> str:
     """The markdown written to ``--out``: a header line (device, versions, date, sizes, precision), the table and
     the one-time costs."""
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -293,7 +316,9 @@ def report(rows: list[dict], s: Setup, data: dict, cache: dict, profile: str) ->
              "with the strong kornia augmentation on the device). Seed loop: DataLoader + torchvision transforms, "
              f"{min(4, os.cpu_count() or 1)} workers, fp32. Eval: `predict_proba`. Peak GPU memory covers ceiling, "
              "project and eval. Random weights throughout: these are speeds, not accuracies.")
-    return "\n\n".join(["# Training-speed benchmark", header, markdown_table(rows), costs, notes]) + "\n"
+    aug = (f"Augmentation alone (the strong recipe, batch {s.batch} at {s.size}x{s.size} on the device):\n\n"
+           + markdown_table(aug_rows, tuple(aug_rows[0])))
+    return "\n\n".join(["# Training-speed benchmark", header, markdown_table(rows), costs, aug, notes]) + "\n"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -334,7 +359,8 @@ def main(argv=None) -> int:
     for name in args.archs.split(","):
         print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
         rows.append(measure_config(CONFIGS[name], s))
-    text = report(rows, s, data, cache, cfg["name"])
+    print("benchmarking augmentation ...", file=sys.stderr, flush=True)
+    text = report(rows, s, data, cache, cfg["name"], measure_augment(s))
     out = Path(args.out) if args.out else project_root() / "reports" / "benchmark.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
