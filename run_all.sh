@@ -4,7 +4,7 @@
 #
 #   ./run_all.sh [PROFILE] [papermill options]
 #   ./run_all.sh                    # full analysis (sized for a GPU)
-#   ./run_all.sh quick              # whole pipeline on a 2-core CPU in ~15 minutes
+#   ./run_all.sh quick              # whole pipeline on a 2-core CPU in under 15 minutes
 #   ./run_all.sh full -p weights none -p data_dir /path/to/ham10000
 #   FRESH=1 ./run_all.sh quick      # retrain from scratch: drop this profile's checkpoints first
 #
@@ -28,7 +28,7 @@ if [ "$PROFILE" = smoke ] && [ -z "${HAM_REPORTS_DIR:-}" ]; then export HAM_REPO
 OUT=${HAM_REPORTS_DIR:-$ROOT/reports}
 if [ "$PROFILE" = full ] && [ -z "${ALLOW_CPU:-}" ] && ! "$PY" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   echo "The full profile is sized for a GPU and none is visible here (it would take days on a CPU)."
-  echo "Run './run_all.sh quick' (about 15 minutes on 2 cores), or set ALLOW_CPU=1 to run it anyway."
+  echo "Run './run_all.sh quick' (under 15 minutes on 2 cores), or set ALLOW_CPU=1 to run it anyway."
   exit 2
 fi
 
