@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from helpers.config import load_profile
-from helpers.experiment import prepare_data, run_recipe
+from helpers.experiment import load_data, prepare_data, run_recipe
 
 
 def run_in(tmp_path, monkeypatch, name, disturb_seed):
@@ -29,3 +29,15 @@ def test_run_recipe_does_not_depend_on_earlier_random_draws(tmp_path, monkeypatc
     history_b, metrics_b = run_in(tmp_path, monkeypatch, "b", 7)
     pd.testing.assert_frame_equal(history_a, history_b)
     pd.testing.assert_frame_equal(metrics_a, metrics_b)
+
+
+def test_etl_and_the_model_notebooks_share_one_decoded_cache(tmp_path, monkeypatch):
+    """01_etl builds the cache; 02-05 read the saved split back and must find that same cache, not decode again."""
+    monkeypatch.setenv("HAM_REPORTS_DIR", str(tmp_path / "reports"))
+    monkeypatch.setenv("HAM_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_profile("smoke")
+    etl, later = prepare_data(cfg), load_data(cfg)
+    assert etl["cache"]["built"] and not later["cache"]["built"]
+    assert etl["cache"]["path"] == later["cache"]["path"]
+    assert list(etl["df"].image_id) == list(later["df"].image_id)
+    assert len(list((tmp_path / "cache").iterdir())) == 1

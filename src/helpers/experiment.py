@@ -91,7 +91,8 @@ def prepare_data(cfg: dict, data_dir=None) -> dict:
     df = D.load_metadata(root, cfg["task"])
     df = D.split_by_lesion(df, cfg["split_fractions"], cfg["split_seed"])
     dirs = output_dirs(cfg)
-    D.save_split(df, dirs["reports"] / "split.csv")
+    # Continue from the saved file, exactly as notebooks 02-05 will: same row order, so one decoded-image cache.
+    df = D.load_split(D.save_split(df, dirs["reports"] / "split.csv"), root, cfg["task"])
     return _with_cache(cfg, df, root, dirs)
 
 
