@@ -212,3 +212,98 @@ def test_real_cache_second_run_reads_back(real_data, tmp_path):
     assert first["built"] and not second["built"]
     assert second["seconds"] < first["seconds"]
     assert second["images"].shape == (10015, 3, 32, 32)
+
+
+# ------------------------------------------------------------------------------- issue 11/14: data and cache fixes
+@pytest.mark.parametrize("col", ["lesion_id", "image_id", "dx"])
+@pytest.mark.parametrize("value", [None, "  "])
+def test_empty_required_field_names_row_and_column(ham, col, value):
+    csv = ham / D.METADATA_FILE
+    df = pd.read_csv(csv)
+    df[col] = df[col].astype(object)
+    df.loc[4, col] = value
+    df.to_csv(csv, index=False)
+    with pytest.raises(D.DataError, match=f"row 6: empty '{col}'"):
+        D.load_metadata(ham)
+
+
+def test_symlinked_image_folders_are_followed(tmp_path, fake_data):
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    shutil.copy(fake_data / D.METADATA_FILE, linked)
+    for folder in fake_data.iterdir():
+        if folder.is_dir():  # upper- and lower-case folders alike, as symlinks to the shared copy
+            (linked / folder.name).symlink_to(folder, target_is_directory=True)
+    df = D.load_metadata(linked)
+    assert len(df) == len(D.load_metadata(fake_data))
+    assert df.path.str.contains("/HAM10000_images_part_").all()  # still not the lower-case duplicates
+
+
+def test_symlink_loop_does_not_hang(ham):
+    (ham / "HAM10000_images_part_1" / "back_up").symlink_to(ham, target_is_directory=True)
+    assert len(D.load_metadata(ham)) == len(pd.read_csv(ham / D.METADATA_FILE))
+
+
+def test_cache_key_covers_the_resize_step(fake_data, tmp_path, monkeypatch):
+    import torchvision
+
+    df = D.load_metadata(fake_data).head(6)
+    first = D.build_cache(df, 16, tmp_path, workers=0)
+    monkeypatch.setattr(D, "RESIZE_ANTIALIAS", False)
+    no_aa = D.build_cache(df, 16, tmp_path, workers=0)
+    assert no_aa["built"] and no_aa["path"] != first["path"]
+    monkeypatch.setattr(D, "RESIZE_ANTIALIAS", True)
+    monkeypatch.setattr(D, "RESIZE_INTERPOLATION", "nearest")
+    assert D.build_cache(df, 16, tmp_path, workers=0)["path"] not in (first["path"], no_aa["path"])
+    monkeypatch.setattr(D, "RESIZE_INTERPOLATION", "bilinear")
+    monkeypatch.setattr(torchvision, "__version__", "0.0.0-other")
+    assert D.build_cache(df, 16, tmp_path, workers=0)["path"] != first["path"]
+
+
+def test_crash_after_writing_the_index_leaves_a_readable_cache(fake_data, tmp_path, monkeypatch):
+    """A crash between the two final steps of a build must not leave images.npy without its index."""
+    df = D.load_metadata(fake_data).head(6)
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt("killed while writing the index")
+
+    with monkeypatch.context() as m:
+        m.setattr(D.json, "dumps", crash)
+        with pytest.raises(KeyboardInterrupt):
+            D.build_cache(df, 16, tmp_path, workers=0)
+    again = D.build_cache(df, 16, tmp_path, workers=0)  # old code: images.npy without index.json -> error
+    assert again["built"] and again["images"].shape == (6, 3, 16, 16)
+    assert not list(again["path"].glob("*partial*"))
+
+
+def test_two_builds_of_one_cache_never_share_a_partial_file(fake_data, tmp_path, monkeypatch):
+    """Another process builds the same cache while this one is halfway: both end with the same complete file."""
+    df = D.load_metadata(fake_data).head(6)
+    expected = np.stack([D.resize_to_uint8(16)(D.read_rgb(p)).numpy() for p in df.path])
+    original = D.ImageDataset.__getitem__
+    state = {"inner": None}
+
+    def getitem(self, i):
+        if i == 3 and state["inner"] is None:  # halfway through: the "other process" runs a whole build
+            state["inner"] = "running"
+            state["inner"] = D.build_cache(df, 16, tmp_path, workers=0)
+        return original(self, i)
+
+    monkeypatch.setattr(D.ImageDataset, "__getitem__", getitem)
+    outer = D.build_cache(df, 16, tmp_path, workers=0)
+    inner = state["inner"]
+    assert inner["built"] and not outer["built"]  # the later one kept the earlier one's file
+    assert np.array_equal(outer["images"], expected) and np.array_equal(inner["images"], expected)
+    assert sorted(f.name for f in outer["path"].iterdir()) == ["images.npy", "index.json"]
+
+
+def test_dead_builds_partial_files_are_removed(fake_data, tmp_path):
+    import socket
+
+    df = D.load_metadata(fake_data).head(4)
+    folder = D.build_cache(df, 12, tmp_path, workers=0)["path"]
+    (folder / "images.npy").unlink()
+    stale = folder / f"images.partial-{socket.gethostname()}-999999999-deadbeef.npy"
+    stale.write_bytes(b"half")
+    assert D.build_cache(df, 12, tmp_path, workers=0)["built"]
+    assert not stale.exists()

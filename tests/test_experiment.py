@@ -20,7 +20,7 @@ def run_in(tmp_path, monkeypatch, name, disturb_seed):
     torch.manual_seed(disturb_seed)
     torch.rand(disturb_seed + 1)
     result = run_recipe(cfg, "resnet34", cfg["models"]["resnet34"][0], data, progress=False)
-    return result["history"].drop(columns=["seconds", "img_per_s"]), result["metrics"]
+    return result["history"].drop(columns=["seconds", "img_per_s", "train_seconds_cum"]), result["metrics"]
 
 
 @pytest.mark.filterwarnings("ignore")
@@ -41,3 +41,41 @@ def test_etl_and_the_model_notebooks_share_one_decoded_cache(tmp_path, monkeypat
     assert etl["cache"]["path"] == later["cache"]["path"]
     assert list(etl["df"].image_id) == list(later["df"].image_id)
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_subsample_returns_at_most_n_whole_lesions_of_every_class():
+    from helpers.experiment import subsample
+
+    df = pd.DataFrame({"lesion_id": [f"L{i // 3}" for i in range(300)],
+                       "dx": ["nv"] * 210 + ["mel"] * 60 + ["df"] * 30})
+    for n in (20, 50, 101):
+        sub = subsample(df, n, seed=0)
+        assert len(sub) <= n, (n, len(sub))  # it promised "at most n" and returned more
+        assert set(sub.dx) == {"nv", "mel", "df"}
+        assert sub.groupby("lesion_id").size().eq(3).all()
+
+
+def test_changed_training_code_retrains_and_says_why(tmp_path, monkeypatch, capsys):
+    """The run key covers the source that shapes training: an edited augment.py must not load the old run."""
+    import shutil
+
+    import helpers.experiment as E
+
+    monkeypatch.setenv("HAM_REPORTS_DIR", str(tmp_path / "reports"))
+    monkeypatch.setenv("HAM_MODELS_DIR", str(tmp_path / "models"))
+    src = tmp_path / "src"
+    shutil.copytree(E.Path(E.__file__).parent, src)
+    monkeypatch.setattr(E, "SOURCE_DIR", src)
+    cfg = load_profile("smoke")
+    data = prepare_data(cfg)
+    r = E.get_recipe(cfg, "resnet34", "reference")
+    key_before = E.run_key(E.run_key_parts(r, cfg, data))
+    run_recipe(cfg, "resnet34", "reference", data, progress=True)
+    with open(src / "augment.py", "a") as fh:
+        fh.write("\n# an edit\n")
+    parts = E.run_key_parts(r, cfg, data)
+    assert E.run_key(parts) != key_before
+    note = E.why_retrain(tmp_path / "models" / "smoke", r["run_name"], parts)
+    assert note and "source augment.py" in note
+    parts_torch = {**parts, "torch": "0.0"}
+    assert E.run_key(parts_torch) != E.run_key(parts)

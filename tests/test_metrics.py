@@ -1,11 +1,9 @@
 """metrics.py against scikit-learn, SciPy and small cases worked out by hand."""
 import time
-from math import comb
 
 import numpy as np
 import pandas as pd
 import pytest
-from scipy.stats import binomtest
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, log_loss, roc_auc_score
 
 from helpers import metrics as M
@@ -204,6 +202,42 @@ def test_summary_with_ci_table():
     assert list(table.columns) == ["metric", "value", "ci_low", "ci_high"]
     assert set(table.metric) == set(M.summary(pred, DX, 0.3))
     assert (table.ci_low <= table.value).all() and (table.value <= table.ci_high).all()
+    # with the validation predictions: the threshold is chosen there, and reported with its interval
+    val = random_pred(n=300, seed=16)
+    table = M.summary_with_ci(pred, DX, val_pred=val, n_boot=40).set_index("metric")
+    chosen = M.threshold_for_sensitivity(*M.malignancy_score(val, DX), target=0.95)
+    assert table.loc["malignancy_threshold", "value"] == pytest.approx(chosen)
+    assert table.loc["sensitivity", "value"] == pytest.approx(M.summary(pred, DX, chosen)["sensitivity"])
+    assert (table.ci_low <= table.value + 1e-12).all() and (table.value <= table.ci_high + 1e-12).all()
+
+
+def threshold_case(seed=0):
+    """Binary task: validation has 15 malignant lesions (its 95%-sensitivity threshold jumps from resample to
+    resample), test has 400 lesions with scores spread evenly (fixed-threshold intervals are narrow)."""
+    rng = np.random.default_rng(seed)
+    def table(n_pos, n_neg, prefix):
+        y = np.r_[np.ones(n_pos, int), np.zeros(n_neg, int)]
+        score = np.clip(np.where(y == 1, rng.beta(4, 2, len(y)), rng.beta(2, 4, len(y))), 1e-6, 1 - 1e-6)
+        return make_pred(np.c_[1 - score, score], y, classes=BINARY, prefix=prefix)
+    return table(15, 60, "v"), table(200, 200, "t")
+
+
+def test_sensitivity_interval_includes_the_threshold_choice():
+    val, test = threshold_case()
+    chosen = M.threshold_for_sensitivity(*M.malignancy_score(val, BINARY), target=0.95)
+    fixed = M.summary_with_ci(test, BINARY, threshold=chosen, n_boot=300).set_index("metric")
+    rechosen = M.summary_with_ci(test, BINARY, threshold=chosen, val_pred=val, n_boot=300).set_index("metric")
+    # the point estimates are the same: the threshold chosen on the whole validation split
+    for m in ("sensitivity", "specificity", "auc"):
+        assert rechosen.loc[m, "value"] == pytest.approx(fixed.loc[m, "value"])
+    # the threshold itself varies across validation resamples, and that widens sensitivity/specificity
+    assert rechosen.loc["malignancy_threshold", "ci_high"] - rechosen.loc["malignancy_threshold", "ci_low"] > 0.1
+    for m in ("sensitivity", "specificity"):
+        w_fixed = fixed.loc[m, "ci_high"] - fixed.loc[m, "ci_low"]
+        w_rechosen = rechosen.loc[m, "ci_high"] - rechosen.loc[m, "ci_low"]
+        assert w_rechosen > 1.5 * w_fixed, (m, w_fixed, w_rechosen)
+    # metrics that do not use the threshold keep the same interval
+    assert rechosen.loc["auc", "ci_low"] == pytest.approx(fixed.loc["auc", "ci_low"])
 
 
 # ------------------------------------------------------------------------------------------------------ tables
@@ -218,24 +252,15 @@ def test_confusion_and_classification_table():
 
 
 # ---------------------------------------------------------------------------------------------- model comparison
-def test_mcnemar_known_discordance():
-    # 30 images: both right on 10, both wrong on 5, only A right on 12 (b), only B right on 3 (c)
-    labels = np.zeros(30, dtype=int)
-    right_a = np.r_[np.ones(10), np.zeros(5), np.ones(12), np.zeros(3)].astype(bool)
-    right_b = np.r_[np.ones(10), np.zeros(5), np.zeros(12), np.ones(3)].astype(bool)
-    a = make_pred(np.eye(2)[(~right_a).astype(int)], labels, classes=BINARY)
-    b = make_pred(np.eye(2)[(~right_b).astype(int)], labels, classes=BINARY).iloc[::-1]  # order must not matter
-    result = M.mcnemar(a, b)
-    assert (result["b"], result["c"]) == (12, 3)
-    assert result["p_value"] == pytest.approx(binomtest(12, 15, 0.5).pvalue)
-    # two-sided exact binomial by hand: P(X >= 12) + P(X <= 3) for X ~ Bin(15, 1/2)
-    assert result["p_value"] == pytest.approx(2 * sum(comb(15, k) for k in range(12, 16)) / 2 ** 15)
+def test_mcnemar_is_gone():
+    # per-image McNemar treated the photographs of one lesion as independent evidence (issue 11)
+    assert not hasattr(M, "mcnemar")
 
 
 def test_comparisons_refuse_different_images():
     a, b = random_pred(n=20), random_pred(n=21)
     with pytest.raises(ValueError, match="different images"):
-        M.mcnemar(a, b)
+        M.compare_models({"a": [a], "b": [b]}, DX, "a", n_boot=10)
     with pytest.raises(ValueError, match="different images"):
         M.paired_bootstrap_diff(a, b, M.accuracy, n_boot=10)
 
@@ -260,3 +285,120 @@ def test_majority_baseline():
     assert s["balanced_accuracy"] == pytest.approx(1 / 7)  # recall 1 on nv, 0 on the six others
     assert s["auc"] == pytest.approx(0.5) and s["malignancy_auc"] == pytest.approx(0.5)
     np.testing.assert_allclose(M.prob_matrix(pred, DX).sum(axis=1), 1.0)
+
+
+# ------------------------------------------------------------------------------------ lesion-level model comparison
+def test_fast_scores_equal_the_reference_metrics():
+    for classes, seed in ((DX, 0), (BINARY, 1)):
+        pred = random_pred(n=500, classes=classes, seed=seed)
+        for c in classes:
+            pred[f"p_{c}"] = pred[f"p_{c}"].round(2)  # ties, as saved probabilities have
+        rows = np.random.default_rng(seed).integers(0, 500, 500)  # a resample: repeated rows
+        sub = pred.iloc[rows]
+        fast = M._fast_scores(sub.label.to_numpy(), sub.pred.to_numpy(), M.prob_matrix(sub, classes), len(classes),
+                              M.PAIRED_METRICS)
+        assert fast == pytest.approx([M.macro_auc(sub, classes), M.balanced_accuracy(sub), M.accuracy(sub)],
+                                     abs=1e-12)
+
+
+def better_on_every_lesion(n_lesions=80, images_per_lesion=1, seed=0):
+    """A is right on every lesion; B is right on 60% of them (same labels, same images)."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(rng.integers(0, 2, n_lesions), images_per_lesion)
+    b_right = np.repeat(rng.random(n_lesions) < 0.6, images_per_lesion)
+    lesions = np.repeat([f"les{i}" for i in range(n_lesions)], images_per_lesion)
+    p_a = np.where(labels == 1, 0.9, 0.1)
+    p_b = np.where(b_right == (labels == 1), 0.7, 0.3)
+    a = make_pred(np.c_[1 - p_a, p_a], labels, lesions=lesions, classes=BINARY)
+    b = make_pred(np.c_[1 - p_b, p_b], labels, lesions=lesions, classes=BINARY)
+    return a, b
+
+
+def test_compare_models_known_answer():
+    a, b = better_on_every_lesion()
+    table = M.compare_models({"A": [a], "B": [b.iloc[::-1]]}, BINARY, "A", n_boot=400).set_index("metric")
+    assert list(table.index) == ["auc", "balanced_accuracy", "accuracy"]  # macro AUC leads
+    assert table.loc["accuracy", "difference"] == pytest.approx(M.accuracy(a) - M.accuracy(b))
+    assert table.loc["auc", "difference"] == pytest.approx(M.macro_auc(a, BINARY) - M.macro_auc(b, BINARY))
+    for m in table.index:
+        row = table.loc[m]
+        assert row.difference > 0 and 0 < row.ci_low <= row.difference <= row.ci_high
+        assert row.p_value == pytest.approx(1 / 401)  # never on the other side of 0: the floor 1/(n_boot+1)
+        assert row.p_holm == pytest.approx(3 / 401)
+    # and the other way round: the same size, negative, just as significant
+    rev = M.compare_models({"B": [b], "A": [a]}, BINARY, "B", n_boot=400).set_index("metric")
+    assert rev.loc["accuracy", "difference"] == pytest.approx(-table.loc["accuracy", "difference"])
+    np.testing.assert_allclose(rev.p_value, 1 / 401)
+
+
+def test_compare_models_identical_models():
+    a = random_pred(n=200, seed=11)
+    table = M.compare_models({"A": [a], "B": [a.copy()]}, DX, "A", n_boot=100)
+    assert (table.difference == 0).all() and (table.ci_low == 0).all() and (table.ci_high == 0).all()
+    assert (table.p_value == 1).all() and (table.p_holm == 1).all()
+
+
+def test_compare_models_resamples_lesions_not_images():
+    """Ten identical photographs per lesion are one lesion's evidence: the paired interval must not shrink."""
+    one = better_on_every_lesion(60, 1, seed=3)
+    ten = better_on_every_lesion(60, 10, seed=3)
+    w = lambda t: (t.ci_high - t.ci_low).to_numpy()  # noqa: E731
+    by_lesion_1 = M.compare_models({"A": [one[0]], "B": [one[1]]}, BINARY, "A", n_boot=400)
+    by_lesion_10 = M.compare_models({"A": [ten[0]], "B": [ten[1]]}, BINARY, "A", n_boot=400)
+    by_image_10 = M.compare_models({"A": [ten[0]], "B": [ten[1]]}, BINARY, "A", n_boot=400, group="image_id")
+    assert by_lesion_10.difference.to_numpy() == pytest.approx(by_lesion_1.difference.to_numpy())
+    assert w(by_lesion_10) == pytest.approx(w(by_lesion_1), rel=0.3)
+    assert (w(by_image_10) < 0.5 * w(by_lesion_10)).all()  # what a per-image test would claim
+
+
+def test_compare_models_uses_every_seed():
+    """Point: mean over seeds. Seeds that disagree widen the interval when seeds are resampled."""
+    a, b = better_on_every_lesion(100, 1, seed=5)
+    worse_a = b.copy()  # a second seed of A that is no better than B
+    table = M.compare_models({"A": [a, worse_a], "B": [b]}, BINARY, "A", n_boot=400).set_index("metric")
+    fixed = M.compare_models({"A": [a, worse_a], "B": [b]}, BINARY, "A", n_boot=400,
+                             resample_seeds=False).set_index("metric")
+    assert table.loc["accuracy", "difference"] == pytest.approx((M.accuracy(a) + M.accuracy(worse_a)) / 2
+                                                                - M.accuracy(b))
+    assert (table.seeds_reference == 2).all() and (table.seeds_other == 1).all()
+    wide = table.loc["accuracy", "ci_high"] - table.loc["accuracy", "ci_low"]
+    narrow = fixed.loc["accuracy", "ci_high"] - fixed.loc["accuracy", "ci_low"]
+    assert wide > 2 * narrow
+    assert table.loc["accuracy", "ci_low"] <= 1e-12  # with seed noise, "A better" is no longer certain
+
+
+def test_compare_models_holm_over_all_rows():
+    a, b = better_on_every_lesion(80, 1, seed=6)
+    c = random_pred(n=80, classes=BINARY, seed=6).assign(image_id=a.image_id, lesion_id=a.lesion_id, label=a.label)
+    table = M.compare_models({"A": [a], "B": [b], "C": [c]}, BINARY, "A", n_boot=200)
+    assert len(table) == 6 and list(table.other) == ["B"] * 3 + ["C"] * 3
+    np.testing.assert_allclose(table.p_holm, M.holm(table.p_value))
+    assert (table.p_holm >= table.p_value).all()
+
+
+def test_holm_known_answer():
+    # sorted 0.005, 0.01, 0.03, 0.04 (m=4) -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> running max 0.06 for the last
+    np.testing.assert_allclose(M.holm([0.01, 0.04, 0.03, 0.005]), [0.03, 0.06, 0.06, 0.02])
+    np.testing.assert_allclose(M.holm([0.5, 0.4]), [0.8, 0.8])
+    np.testing.assert_allclose(M.holm([0.9, 0.6, 0.7]), [1.0, 1.0, 1.0])  # capped at 1
+    assert M.holm([0.2]).tolist() == [0.2]
+    with pytest.raises(ValueError):
+        M.holm([0.1, float("nan")])
+
+
+def test_bootstrap_p_value():
+    assert M.bootstrap_p_value([0.1, 0.2, 0.3, -0.1], 0.2) == pytest.approx(0.5)  # 1 of 4 at or below 0, doubled
+    assert M.bootstrap_p_value([-0.1, -0.2, 0.1, 0.0], -0.1) == pytest.approx(1.0)  # capped
+    assert M.bootstrap_p_value([0.1] * 99, 0.1) == pytest.approx(1 / 100)  # floor
+    assert M.bootstrap_p_value([0.0] * 10, 0.0) == 1.0
+
+
+def test_validation_score_definitions():
+    pred = random_pred(n=200, seed=12)
+    probs, y = M.prob_matrix(pred, DX), pred.label.to_numpy()
+    assert M.validation_score(pred, DX, "val_auc") == pytest.approx(M.macro_auc(pred, DX))
+    assert M.validation_score(pred, DX, "val_bal_acc") == pytest.approx(M.balanced_accuracy(pred))
+    assert M.validation_score(pred, DX, "val_acc") == pytest.approx(M.accuracy(pred))
+    assert M.validation_score(pred, DX, "val_loss") == pytest.approx(log_loss(y, probs), rel=1e-6)
+    with pytest.raises(ValueError, match="select_metric"):
+        M.validation_score(pred, DX, "test_auc")

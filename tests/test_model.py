@@ -1,4 +1,4 @@
-"""Our ResNets: torchvision-compatible weights, the seed's head, frozen backbones, weights errors."""
+"""Our ResNets: torchvision-compatible weights, the write-up's MLP head, frozen backbones, weights errors."""
 import pytest
 import torch
 import torchvision
@@ -18,17 +18,17 @@ def test_torchvision_state_dict_loads_strictly_and_gives_same_outputs(arch):
         assert torch.allclose(ours(x), theirs(x), atol=1e-5)
 
 
-def test_seed_head_trainable_parameters():
+def test_mlp_head_trainable_parameters():
     m = Mo.resnet("resnet34", 2)
-    m.fc = Mo.seed_head(m.num_features, 2)
+    m.fc = Mo.mlp_head(m.num_features, 2)
     Mo.freeze(m)
-    assert Mo.count_parameters(m) == 65_922  # the seed's reported number for 2 classes
+    assert Mo.count_parameters(m) == 65_922  # the write-up's reported number for 2 classes
 
 
 def test_frozen_backbone_is_unchanged_by_a_training_step(tmp_path):
     sd_path = tmp_path / "sd.pt"  # "pretrained" weights from a file: a frozen backbone needs some
-    torch.save(Mo.build_model("resnet34", 7, weights=None, head="seed").state_dict(), sd_path)
-    m = Mo.build_model("resnet34", 7, weights=str(sd_path), freeze_backbone=True, head="seed")
+    torch.save(Mo.build_model("resnet34", 7, weights=None, head="mlp").state_dict(), sd_path)
+    m = Mo.build_model("resnet34", 7, weights=str(sd_path), freeze_backbone=True, head="mlp")
     before = {k: v.clone() for k, v in m.state_dict().items()}
     Mo.train_mode(m)
     assert not m.bn1.training and not m.layer1.training and m.fc.training
@@ -85,8 +85,8 @@ def test_unknown_arch_and_head_are_refused():
 
 
 def test_save_and_load_trained_round_trip(tmp_path):
-    m = Mo.build_model("resnet18", 3, head="seed").eval()
-    meta = dict(arch="resnet18", classes=["a", "b", "c"], head="seed", dropout=0.0, image_size=32)
+    m = Mo.build_model("resnet18", 3, head="mlp").eval()
+    meta = dict(arch="resnet18", classes=["a", "b", "c"], head="mlp", dropout=0.0, image_size=32)
     path = Mo.save_trained(m, meta, tmp_path / "m.pt")
     back, meta2 = Mo.load_trained(path)
     x = torch.randn(2, 3, 32, 32)

@@ -169,3 +169,31 @@ def test_save_writes_png(tmp_path):
     path = plots.save(fig, tmp_path / "deep" / "folder" / "history.png")
     assert path.exists() and path.stat().st_size > 1000
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(path) as img:
+        assert img.text.get("Title") == "saved"  # the HTML pages' alt text
+
+
+def test_time_to_accuracy_puts_every_run_on_cumulative_training_time():
+    with_cum = make_history(4).assign(train_seconds_cum=[60.0, 120.0, 180.0, 240.0])
+    without = make_history(3, seed=1)  # older history: falls back to the running sum of ``seconds`` (2 s each)
+    runs = {"resnet34_tuned_s0": with_cum, "resnet34_tuned_s1": with_cum, "resnet50_tuned_s0": without}
+    groups = {"resnet34_tuned_s0": "resnet34_tuned", "resnet34_tuned_s1": "resnet34_tuned",
+              "resnet50_tuned_s0": "resnet50_tuned"}
+    fig = plots.time_to_accuracy(runs, "Time to accuracy", groups=groups)
+    check(fig, "Time to accuracy")
+    auc_ax, bal_ax = fig.axes
+    assert "AUC" in auc_ax.get_title() and "balanced" in bal_ax.get_title()
+    for ax, column in ((auc_ax, "val_auc"), (bal_ax, "val_bal_acc")):
+        lines = {l.get_label(): l for l in ax.lines}
+        assert set(lines) == set(runs), "one line per run, all on the same axes"
+        assert lines["resnet34_tuned_s0"].get_xdata() == pytest.approx([1, 2, 3, 4])  # minutes
+        assert lines["resnet50_tuned_s0"].get_xdata() == pytest.approx([2 / 60, 4 / 60, 6 / 60])
+        assert lines["resnet34_tuned_s0"].get_ydata() == pytest.approx(with_cum[column])
+        assert "min" in ax.get_xlabel()
+    # seeds of one model share a colour and differ in line style; another model gets another colour
+    a, b, c = (next(l for l in auc_ax.lines if l.get_label() == r) for r in runs)
+    assert a.get_color() == b.get_color() != c.get_color() and a.get_linestyle() != b.get_linestyle()
+    with pytest.raises(ValueError):
+        plots.time_to_accuracy({}, "empty")

@@ -14,7 +14,7 @@ from PIL import Image
 from helpers.data import DX_CLASSES, read_rgb, resize_to_uint8
 from helpers.model import build_model, save_trained
 from helpers.predict import predict_paths
-from helpers.train import predict_proba
+from helpers.evaluate import predict_proba
 
 SIZE = 32
 GOOD_SIZES = {"a.jpg": (200, 150), "b.jpeg": (40, 30), "sub/c.png": (600, 450), "sub/d.JPG": (31, 77)}

@@ -1,10 +1,13 @@
 """The training loop: resumable, deterministic on CPU, refuses bad settings, stops on a diverging loss."""
+import traceback
+
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from helpers import train as T
+from helpers.evaluate import predict_proba, val_scores
 from helpers.model import build_model
 
 
@@ -17,12 +20,12 @@ def tiny_data(n=48, classes=3, size=16, seed=0):
 
 
 RECIPE = dict(arch="resnet18", epochs=3, batch_size=16, optimizer="adamw", lr=1e-3, schedule="onecycle",
-              augment="strong", select_metric="val_loss", seed=3, run_name="test", head="seed")
+              augment="strong", select_metric="val_loss", seed=3, run_name="test", head="mlp", image_size=16)
 
 
 def train_once(tmp_path=None, stop_after=None, **over):
     torch.manual_seed(123)  # model init is not part of fit: fix it here
-    model = build_model("resnet18", 3, head="seed")
+    model = build_model("resnet18", 3, head="mlp")
     return T.fit(model, tiny_data(), tiny_data(24, seed=1), {**RECIPE, **over}, tmp_path, device="cpu",
                  progress=False, stop_after_epochs=stop_after)
 
@@ -63,8 +66,8 @@ def test_best_epoch_weights_are_restored(tmp_path):
     model, hist, info = train_once(select_metric="val_acc")
     best = hist.val_acc.idxmax() + 1
     assert info["best_epoch"] == best
-    probs = T.predict_proba(model, tiny_data(24, seed=1)[0], device=torch.device("cpu"))
-    assert T.scores(probs, tiny_data(24, seed=1)[1].numpy())["val_acc"] == pytest.approx(hist.val_acc.max())
+    probs = predict_proba(model, tiny_data(24, seed=1)[0], device=torch.device("cpu"))
+    assert val_scores(probs, tiny_data(24, seed=1)[1].numpy())["val_acc"] == pytest.approx(hist.val_acc.max())
 
 
 def test_early_stopping(tmp_path):
@@ -77,7 +80,7 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
     before = (tmp_path / "last.pt").read_bytes()
     x, y = tiny_data()
     x_bad = x.clone()
-    model = build_model("resnet18", 3, head="seed")
+    model = build_model("resnet18", 3, head="mlp")
     with torch.no_grad():
         model.fc[1].weight.fill_(float("nan"))
     with pytest.raises(T.TrainingDiverged, match="epoch 1"):
@@ -100,10 +103,90 @@ def test_class_weighting_and_balanced_sampling_run():
         assert np.isfinite(hist.train_loss).all()
 
 
-def test_subsample_keeps_lesions_whole_and_classes_present():
-    df = pd.DataFrame({"lesion_id": [f"L{i // 2}" for i in range(200)],
-                       "dx": ["nv"] * 140 + ["mel"] * 40 + ["df"] * 20})
-    sub = T.subsample(df, 50, seed=0)
-    assert set(sub.dx) == {"nv", "mel", "df"}
-    assert sub.groupby("lesion_id").size().eq(2).all()
-    assert 40 <= len(sub) <= 60
+class HostReads:
+    """Counts reads of device values on the host during a block: ``Tensor.item``, ``.cpu()``, ``.tolist()``,
+    ``.numpy()``, and ``bool``/``int``/``float`` of a tensor. On a GPU each one waits for the queue to drain."""
+
+    NAMES = ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def counted(self_, *a, _original=original, **k):
+                # Adam's step counters live on the host on the CPU (fused on CUDA keeps them on the device):
+                # reading them is not a device read.
+                if not any("torch/optim/" in f.filename for f in traceback.extract_stack(limit=4)):
+                    self.count += 1
+                return _original(self_, *a, **k)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def host_reads_during_fit(monkeypatch, n_train):
+    import helpers.train as train_module
+    monkeypatch.setattr(train_module, "predict_proba", lambda *a, **k: np.full((24, 3), 1 / 3))  # validation apart
+    x, y = tiny_data(n_train)
+    model = build_model("resnet18", 3, head="mlp")
+    with monkeypatch.context() as m:
+        reads = HostReads(m)
+        T.fit(model, (x, y), tiny_data(24, seed=1), {**RECIPE, "epochs": 1, "batch_size": 4, "check_every": 1000},
+              None, device="cpu", progress=False)
+        return reads.count
+
+
+def test_host_reads_do_not_grow_with_steps_per_epoch(monkeypatch):
+    """The step never waits on the host: 2 steps or 12 steps per epoch, the same number of host reads."""
+    assert host_reads_during_fit(monkeypatch, 8) == host_reads_during_fit(monkeypatch, 48)
+
+
+class FakeScaler:
+    """A GradScaler stand-in: ``skip`` says whether this step's gradients overflowed."""
+
+    def __init__(self, skip):
+        self.skip, self.scale = skip, 1024.0
+
+    def is_enabled(self):
+        return True
+
+    def get_scale(self):
+        return self.scale
+
+    def step(self, opt):
+        if not self.skip:
+            opt.step()
+
+    def update(self):
+        if self.skip:
+            self.scale /= 2
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_schedule_advances_only_when_the_optimiser_stepped(skip):
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([p], lr=1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    p.grad = torch.ones(2)
+    assert T.optimizer_step(opt, sched, FakeScaler(skip)) is (not skip)
+    assert sched.last_epoch == (0 if skip else 1)
+    assert torch.equal(p.detach(), torch.ones(2) if skip else torch.zeros(2))
+
+
+def test_resolution_schedule_trains_small_first_and_records_it():
+    _, hist, info = train_once(resolution_schedule=[[8, 2], [16, 1]])
+    assert list(hist.image_size) == [8, 8, 16] and info["epochs_run"] == 3
+    assert hist.train_seconds_cum.is_monotonic_increasing
+    assert [T.epoch_size(T.resolve_recipe({**RECIPE, "resolution_schedule": [[8, 2], [16, 1]]}), e)
+            for e in (1, 2, 3)] == [8, 8, 16]
+
+
+@pytest.mark.parametrize("bad", [[[32, 2]], [[8, 0]], [8, 2], [["8", 2]]])
+def test_bad_resolution_schedules_are_refused(bad):
+    with pytest.raises(ValueError, match="resolution_schedule"):
+        T.resolve_recipe({**RECIPE, "resolution_schedule": bad})
+
+
+def test_max_train_images_inside_a_recipe_is_refused():
+    """It is a profile setting; inside a recipe it used to be accepted and ignored."""
+    with pytest.raises(KeyError, match="max_train_images"):
+        T.resolve_recipe({**RECIPE, "max_train_images": 10})

@@ -1,7 +1,9 @@
-"""Run configuration in one place: a profile file per run size, plus where outputs go.
+"""Run configuration in one place: a profile file per run size, the recipe settings and their defaults, and where
+outputs go.
 
 A profile (``profiles/<name>.yaml`` beside this module) holds every knob of a run: data, split, image size,
-weights, which recipes each model notebook trains, and the recipe settings. Notebooks take a profile name as a
+weights, which recipes each model notebook trains, with which training seeds, the recipe settings, and the one
+validation metric that chooses both each run's epoch and the best model. Notebooks take a profile name as a
 papermill parameter and read everything else from here, so nothing is edited by hand between runs.
 """
 from __future__ import annotations
@@ -13,6 +15,22 @@ from pathlib import Path
 import yaml
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
+SELECT_METRICS = ("val_auc", "val_bal_acc", "val_acc", "val_loss")
+AUGMENTATIONS = ("none", "light", "strong")
+
+# What a recipe may set, with defaults. The profiles fill these in; unknown keys are refused.
+RECIPE_DEFAULTS = dict(
+    epochs=10, batch_size=32, optimizer="adam", lr=3e-4, weight_decay=0.0, momentum=0.9, schedule="none",
+    warmup_epochs=0, label_smoothing=0.0, class_weighting="none", sampler="shuffle", augment="light",
+    resolution_schedule=None,  # [[size, epochs], ...]: cheap low-resolution epochs first; None: all at image_size
+    image_size=224,            # the evaluation size (the cache's; from the profile); the last stage usually matches
+    tta=False,                 # evaluate (val/test reports) averaging the 8 dihedral views
+    logit_adjust=False,        # predicted class: argmax of log p - tau log prior, tau chosen on validation
+    select_metric="val_auc",   # from the profile: one rule for epochs and for the best model
+    patience=None, seed=0, compile=False, check_every=50, deterministic=False,
+    # model options, read by build_model
+    arch="resnet34", head="linear", dropout=0.0, freeze_backbone=False, recipe="", run_name="",
+)
 
 
 def project_root() -> Path:
@@ -28,10 +46,13 @@ def profile_names() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
 
 
+REPLACED_KEYS = ("models",)  # a profile's model list replaces its parent's; other settings merge key by key
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in REPLACED_KEYS:
             out[key] = _merge(out[key], value)
         else:
             out[key] = value
@@ -39,12 +60,15 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 def load_profile(profile: str | os.PathLike | None = None, **overrides) -> dict:
-    """Read a profile by name (``full``, ``quick``, ``smoke``) or path; ``None`` means ``$HAM_PROFILE`` or ``full``.
+    """Read a profile by name (``full``, ``cpu``, ``quick``, ``smoke``) or path. ``None`` means ``$HAM_PROFILE``,
+    else ``full`` when CUDA is visible and ``cpu`` otherwise (as ``./run_all.sh`` chooses).
 
     Keyword overrides whose value is ``None`` are ignored, so notebook parameters left at ``None`` keep the
     profile's value. Unknown keys are refused: a typo must not silently do nothing.
     """
-    profile = profile or os.environ.get("HAM_PROFILE") or "full"
+    from .preflight import default_profile  # full with CUDA, cpu without: the same choice as run_all.sh
+
+    profile = profile or os.environ.get("HAM_PROFILE") or default_profile()[0]
     path = Path(profile)
     if not path.suffix:
         path = PROFILE_DIR / f"{profile}.yaml"
@@ -61,6 +85,11 @@ def load_profile(profile: str | os.PathLike | None = None, **overrides) -> dict:
     cfg = _merge(cfg, given)
     cfg["profile_file"] = str(path)
     cfg["weights"] = parse_weights(cfg.get("weights"))
+    if cfg.get("select_metric", "val_auc") not in SELECT_METRICS:
+        raise ValueError(f"profile {cfg['name']!r}: select_metric {cfg['select_metric']!r}; allowed: {SELECT_METRICS}")
+    seeds = cfg.setdefault("seeds", [0])
+    if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
+        raise ValueError(f"profile {cfg['name']!r}: seeds must be a non-empty list of integers, not {seeds!r}")
     return cfg
 
 
@@ -91,12 +120,55 @@ def output_dirs(cfg: dict | None = None) -> dict[str, Path]:
     return dirs
 
 
-def recipe(cfg: dict, arch: str, name: str) -> dict:
-    """The training settings for one model: the profile's recipe, then its per-model overrides."""
-    if name not in cfg["recipes"]:
-        raise KeyError(f"recipe {name!r} not in profile {cfg['name']!r}; known: {sorted(cfg['recipes'])}")
-    r = _merge(cfg["recipes"][name], cfg.get("recipe_overrides", {}).get(f"{arch}/{name}", {}))
-    r.update(arch=arch, recipe=name, run_name=f"{arch}_{name}")
-    from .train import resolve_recipe  # defaults and validation live with the loop that uses them
+def _override(cfg: dict, arch: str, name: str) -> dict:
+    return dict(cfg.get("recipe_overrides", {}).get(f"{arch}/{name}", {}))
 
+
+def recipe_seeds(cfg: dict, arch: str, name: str) -> list[int]:
+    """The training seeds of one model: the profile's ``seeds``, or a per-model ``seeds`` in recipe_overrides."""
+    return list(_override(cfg, arch, name).get("seeds", cfg["seeds"]))
+
+
+def recipe(cfg: dict, arch: str, name: str, seed: int | None = None) -> dict:
+    """The training settings for one run: the profile's recipe, its per-model overrides, the profile's image size
+    and selection metric, and the training seed (default: the model's first seed)."""
+    if name not in cfg["recipes"]:
+        raise ValueError(f"recipe {name!r} is not in profile {cfg['name']!r}; known: {sorted(cfg['recipes'])}")
+    over = _override(cfg, arch, name)
+    over.pop("seeds", None)
+    seed = recipe_seeds(cfg, arch, name)[0] if seed is None else seed
+    r = _merge(cfg["recipes"][name], over)
+    r.update(arch=arch, recipe=name, seed=seed, run_name=f"{arch}_{name}_s{seed}", image_size=cfg["image_size"],
+             select_metric=cfg.get("select_metric", "val_auc"))
     return resolve_recipe(r)
+
+
+def resolve_recipe(recipe: dict) -> dict:
+    """Defaults filled in and every value checked: a wrong setting stops here with a sentence, not mid-training."""
+    unknown = sorted(set(recipe) - set(RECIPE_DEFAULTS))
+    if unknown:
+        raise KeyError(f"unknown recipe setting(s) {unknown}; known: {sorted(RECIPE_DEFAULTS)}")
+    r = {**RECIPE_DEFAULTS, **recipe}
+    checks = {
+        "optimizer": ("adam", "adamw", "sgd"), "schedule": ("none", "cosine", "onecycle"),
+        "class_weighting": ("none", "balanced"), "sampler": ("shuffle", "balanced"),
+        "select_metric": SELECT_METRICS, "augment": AUGMENTATIONS, "head": ("linear", "mlp"),
+    }
+    for key, allowed in checks.items():
+        if r[key] not in allowed:
+            raise ValueError(f"recipe {key}={r[key]!r}; allowed: {allowed}")
+    if r["resolution_schedule"]:
+        stages = [list(s) if isinstance(s, (list, tuple)) else [s] for s in r["resolution_schedule"]]
+        if not all(len(s) == 2 and all(isinstance(v, int) and v > 0 for v in s) for s in stages):
+            raise ValueError(f"resolution_schedule must be a list of [size, epochs] pairs of positive integers, "
+                             f"not {r['resolution_schedule']!r}")
+        if max(s[0] for s in stages) > r["image_size"]:
+            raise ValueError(f"resolution_schedule {stages} trains above the cache's image_size {r['image_size']}")
+        r["resolution_schedule"] = stages
+        r["epochs"] = sum(s[1] for s in stages)  # the schedule says how many epochs there are
+    for key in ("epochs", "batch_size", "image_size", "check_every"):
+        if not isinstance(r[key], int) or isinstance(r[key], bool) or r[key] < 1:
+            raise ValueError(f"recipe {key} must be a positive integer, not {r[key]!r}")
+    if not (isinstance(r["lr"], (int, float)) and r["lr"] > 0):
+        raise ValueError(f"recipe lr must be a positive number, not {r['lr']!r}")
+    return r

@@ -11,7 +11,9 @@ import hashlib
 import json
 import logging
 import os
+import socket
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -80,11 +82,20 @@ _HOW_TO_GET_DATA = (
 
 # ------------------------------------------------------------------------------------------------------ metadata
 def index_images(root: Path) -> dict[str, Path]:
-    """image_id -> path for every image under ``root``. Kaggle's copy holds each image twice (upper- and lower-case
-    folders): the first path in sorted order wins and the copies are ignored."""
+    """image_id -> path for every image under ``root``, following symlinked folders (a shared copy linked in).
+    Kaggle's copy holds each image twice (upper- and lower-case folders): the first path in sorted order wins and
+    the copies are ignored."""
+    paths, seen = [], set()
+    for folder, dirs, files in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree: do not loop
+            dirs[:] = []
+            continue
+        seen.add(real)
+        paths += [Path(folder) / f for f in files if Path(f).suffix.lower() in IMAGE_SUFFIXES]
     found: dict[str, Path] = {}
-    for path in sorted(root.rglob("*")):
-        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
+    for path in sorted(paths):
+        if path.is_file():
             found.setdefault(path.stem, path)
     return found
 
@@ -102,6 +113,12 @@ def load_metadata(data_dir: str | os.PathLike, task: str = "dx") -> pd.DataFrame
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise DataError(f"{csv}: missing column(s) {missing}; found {list(df.columns)}")
+    for col in REQUIRED_COLUMNS:
+        empty = df[col].isna() | (df[col].astype(str).str.strip() == "")
+        if empty.any():
+            i = empty.idxmax()
+            raise DataError(f"{csv} row {i + 2}: empty {col!r} (every row needs {', '.join(REQUIRED_COLUMNS)}; "
+                            f"{int(empty.sum())} row(s) with an empty {col!r})")
     dup = df[df.image_id.duplicated(keep=False)]
     if len(dup):
         rows = ", ".join(f"row {i + 2}: {r}" for i, r in zip(dup.index[:5], dup.image_id[:5]))
@@ -258,17 +275,32 @@ class ImageDataset(torch.utils.data.Dataset):
         return (self.transform(img) if self.transform else img), self.labels[i]
 
 
+RESIZE_INTERPOLATION = "bilinear"
+RESIZE_ANTIALIAS = True
+
+
 def resize_to_uint8(size: int):
     """The cache's transform: resize to size x size (bilinear, antialiased) and keep uint8 CHW."""
-    from torchvision.transforms import v2
+    from torchvision.transforms import InterpolationMode, v2
 
-    return v2.Compose([v2.PILToTensor(), v2.Resize((size, size), antialias=True)])
+    return v2.Compose([v2.PILToTensor(), v2.Resize((size, size), interpolation=InterpolationMode(RESIZE_INTERPOLATION),
+                                                   antialias=RESIZE_ANTIALIAS)])
+
+
+def resize_spec() -> str:
+    """What the cache's pixels depend on besides the files: the resize step and the libraries that run it."""
+    import PIL
+    import torchvision
+
+    return (f"resize={RESIZE_INTERPOLATION};antialias={RESIZE_ANTIALIAS};torchvision={torchvision.__version__};"
+            f"torch={torch.__version__};PIL={PIL.__version__}")
 
 
 def content_key(paths, size: int) -> str:
-    """A digest of every image's bytes, in order, and the size: a changed, added or reordered file changes it."""
+    """A digest of every image's bytes, in order, the size and the resize step (``resize_spec``): a changed, added
+    or reordered file, another resize method or another torchvision/PIL version changes it."""
     h = hashlib.blake2b(digest_size=12)
-    h.update(f"size={size};n={len(paths)}".encode())
+    h.update(f"size={size};n={len(paths)};{resize_spec()}".encode())
     for p in paths:
         h.update(Path(p).name.encode())
         with open(p, "rb") as fh:
@@ -279,8 +311,11 @@ def content_key(paths, size: int) -> str:
 def build_cache(df: pd.DataFrame, size: int, cache_dir: str | os.PathLike, workers: int | None = None) -> dict:
     """Decode every image of ``df`` once into ``<cache_dir>/<key>/images.npy`` (uint8, N x 3 x size x size).
 
-    The key covers the images' content and the size, so a second run with the same data starts in seconds. Returns
-    ``{"images": memory-mapped array in df's row order, "path", "seconds", "built", "bytes"}``.
+    The key covers the images' content, the size and the resize step, so a second run with the same data starts
+    in seconds. ``images.npy`` appears only complete, and only after ``index.json``: each build writes its own
+    temporary files (host, pid and a random part in the name) and renames them into place, so two processes
+    building the same cache never share a partial file; the later one keeps the earlier one's complete file.
+    Returns ``{"images": memory-mapped array in df's row order, "path", "seconds", "built", "bytes"}``.
     """
     paths = df.path.tolist()
     t0 = time.perf_counter()
@@ -290,26 +325,52 @@ def build_cache(df: pd.DataFrame, size: int, cache_dir: str | os.PathLike, worke
     built = False
     if not target.exists():
         folder.mkdir(parents=True, exist_ok=True)
+        _remove_dead_partials(folder)
         workers = min(os.cpu_count() or 1, 8) if workers is None else workers
         loader = torch.utils.data.DataLoader(ImageDataset(paths, range(len(paths)), resize_to_uint8(size)),
                                              batch_size=64, num_workers=workers, shuffle=False)
-        tmp = folder / "images.partial.npy"  # renamed only when complete: an interrupted build is never read
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
-        i = 0
-        for batch, _ in loader:
-            arr[i:i + len(batch)] = batch.numpy()
-            i += len(batch)
-        arr.flush()
-        del arr
-        os.replace(tmp, target)
-        (folder / "index.json").write_text(json.dumps({"size": size, "image_ids": df.image_id.tolist()}))
-        built = True
+        tag = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp = folder / f"images.partial-{tag}.npy"  # renamed only when complete: an interrupted build is never read
+        tmp_index = folder / f"index.partial-{tag}.json"
+        try:
+            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), 3, size, size))
+            i = 0
+            for batch, _ in loader:
+                arr[i:i + len(batch)] = batch.numpy()
+                i += len(batch)
+            arr.flush()
+            del arr
+            # the index first: whoever sees images.npy finds its index.json (same key, same content, whoever wrote it)
+            tmp_index.write_text(json.dumps({"size": size, "resize": resize_spec(), "image_ids": df.image_id.tolist()}))
+            os.replace(tmp_index, folder / "index.json")
+            if target.exists():  # another process finished the same cache first: keep its file, drop ours
+                log.info("%s: built meanwhile by another process; using it", target)
+            else:
+                os.replace(tmp, target)
+                built = True
+        finally:
+            for t in (tmp, tmp_index):
+                t.unlink(missing_ok=True)
     images = np.load(target, mmap_mode="r")
     ids = json.loads((folder / "index.json").read_text())["image_ids"]
     if ids != df.image_id.tolist():
         raise DataError(f"cache {folder} does not match the table's image order; delete the folder and re-run")
     return dict(images=images, path=folder, seconds=time.perf_counter() - t0, built=built,
                 bytes=target.stat().st_size)
+
+
+def _remove_dead_partials(folder: Path) -> None:
+    """Delete temporary files left in ``folder`` by builds on this host whose process no longer runs."""
+    host = socket.gethostname()
+    for f in folder.glob("*.partial-*"):
+        try:
+            f_host, pid = f.name.split(".partial-", 1)[1].rsplit("-", 2)[:2]
+            if f_host == host:
+                os.kill(int(pid), 0)
+        except ProcessLookupError:
+            f.unlink(missing_ok=True)
+        except (ValueError, PermissionError, OSError):
+            pass
 
 
 def split_tensors(df: pd.DataFrame, images: np.ndarray) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -24,11 +24,14 @@ from PIL import Image
 from . import data as D
 from . import metrics as M
 from . import plots as P
-from .config import output_dirs, recipe as get_recipe, weights_label
+from .config import output_dirs, project_root, recipe as get_recipe, recipe_seeds, weights_label
+from .augment import to_input
 from .explain import gradcam, last_conv_layer
-from .report import model_card
+from .report import model_card, provenance_line
 from .model import build_model, count_parameters, load_trained, save_trained
-from .train import fit, pick_device, predict_proba, seed_everything, subsample
+from .device import pick_device
+from .evaluate import choose_tau, decide, decision_bias, predict_proba
+from .train import fit, seed_everything
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +65,25 @@ def data_label(df: pd.DataFrame) -> str:
     return "HAM10000 (600x450 originals)" if (w, h) == (600, 450) else f"HAM10000 @ {w}x{h}"
 
 
+def data_source(root: Path) -> str:
+    """Where the data came from, without a machine's private layout: relative to the project when it is beside it,
+    kagglehub's handle when it came from there, else the folder's name."""
+    root = Path(root).resolve()
+    base = project_root().resolve()
+    if base.parent in root.parents or root == base.parent:
+        return os.path.relpath(root, base)
+    if "kagglehub" in root.parts:
+        return f"kagglehub:{D.KAGGLE_HANDLE}"
+    return f"<{root.name}>"
+
+
 def provenance(cfg: dict, df: pd.DataFrame, data_dir: Path, device=None) -> dict:
     import kornia
     import sklearn
     import torchvision
 
     return {
-        "data": data_label(df), "data_dir": str(data_dir), "images": len(df), "task": cfg["task"],
+        "data": data_label(df), "data_dir": data_source(data_dir), "images": len(df), "task": cfg["task"],
         "image_size": f"{cfg['image_size']}x{cfg['image_size']}", "split_seed": cfg["split_seed"],
         "split_fractions": list(cfg["split_fractions"]), "weights": weights_label(cfg["weights"]),
         "profile": cfg["name"], "git_commit": git_commit(), "device": device_name(device or cfg["device"]),
@@ -77,11 +92,6 @@ def provenance(cfg: dict, df: pd.DataFrame, data_dir: Path, device=None) -> dict
                      "pandas": pd.__version__, "numpy": np.__version__, "python": platform.python_version()},
         "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
-
-
-def provenance_line(p: dict) -> str:
-    return (f"{p['data']}, {p['image_size']} input, split seed {p['split_seed']} (lesion-grouped "
-            f"{'/'.join(str(round(f * 100)) for f in p['split_fractions'])}), {p['weights']}, profile {p['profile']}")
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -114,56 +124,138 @@ def _with_cache(cfg, df, root, dirs):
 
 
 # ------------------------------------------------------------------------------------------------- one model
-def predictions_frame(df: pd.DataFrame, probs: np.ndarray, classes) -> pd.DataFrame:
+def predictions_frame(df: pd.DataFrame, probs: np.ndarray, classes, bias=None) -> pd.DataFrame:
+    """One row per image: ids, true label, predicted class (``evaluate.decide``: argmax, or with the run's logit
+    adjustment) and the probability of every class."""
     out = df[["image_id", "lesion_id", "dx", "label"]].reset_index(drop=True).copy()
-    out["pred"] = probs.argmax(1)
+    out["pred"] = decide(probs, bias)
     for i, c in enumerate(classes):
         out[f"p_{c}"] = probs[:, i]
     return out
 
 
-def run_key(r: dict, cfg: dict, data: dict) -> str:
-    """Identifies a training run: recipe, data content, split and weights. A finished run with the same key is
-    loaded instead of retrained; anything else starts (or resumes) its own checkpoint folder."""
-    split_bytes = (data["dirs"]["reports"] / "split.csv").read_bytes()
-    blob = json.dumps([r, cfg["weights"], cfg["max_train_images"], data["cache"]["path"].name,
-                       hashlib.sha256(split_bytes).hexdigest()], sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:10]
+def subsample(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    """At most ``n`` training rows, drawn by whole lesions and stratified by class: leakage-free.
+
+    Each class gets its share of ``n`` images (at least one lesion); lesions are taken in a seeded random order
+    while they fit, so the result never exceeds ``n`` unless ``n`` is below the number of classes.
+    """
+    if n is None or len(df) <= n:
+        return df
+    frac = n / len(df)
+    keep = []
+    for _, g in df.groupby("dx", sort=True):
+        budget = max(1, int(len(g) * frac))
+        sizes = g.groupby("lesion_id").size().sample(frac=1.0, random_state=seed)
+        taken = sizes[sizes.cumsum() <= budget]
+        keep += list(taken.index) if len(taken) else [sizes.index[0]]
+    return df[df.lesion_id.isin(keep)]
 
 
-def run_recipe(cfg: dict, arch: str, recipe_name: str, data: dict, progress: bool = True) -> dict:
-    """Train (or resume, or load) ``arch`` with a recipe of the profile; evaluate on val and test; write reports."""
-    r = get_recipe(cfg, arch, recipe_name)
+# The source that shapes a trained model: change any of these and a finished run is retrained, not reloaded.
+TRAINING_SOURCES = ("model.py", "train.py", "augment.py", "evaluate.py", "device.py")
+SOURCE_DIR = Path(__file__).parent
+
+
+def run_key_parts(r: dict, cfg: dict, data: dict) -> dict:
+    """What identifies a training run: recipe, data content (the cache key covers images and resize), split,
+    weights, the training code and the torch version."""
+    return {"recipe": json.dumps(r, sort_keys=True, default=str), "weights": str(cfg["weights"]),
+            "max_train_images": str(cfg["max_train_images"]), "cache": data["cache"]["path"].name,
+            "split": hashlib.sha256((data["dirs"]["reports"] / "split.csv").read_bytes()).hexdigest()[:16],
+            "torch": torch.__version__,
+            **{f"source {f}": hashlib.sha256((SOURCE_DIR / f).read_bytes()).hexdigest()[:16] for f in TRAINING_SOURCES}}
+
+
+def run_key(parts: dict) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def why_retrain(models: Path, run: str, parts: dict) -> str | None:
+    """When an earlier checkpoint of ``run`` exists under another key, which parts of the key changed."""
+    older = sorted(models.glob(f"{run}-*/key.json"), key=lambda p: p.stat().st_mtime)
+    if not older:
+        return None
+    before = json.loads(older[-1].read_text())
+    changed = [k for k in sorted(set(parts) | set(before)) if parts.get(k) != before.get(k)]
+    return (f"{run}: retraining, since {', '.join(changed) or 'the key'} changed since "
+            f"{older[-1].parent.name}") if changed else None
+
+
+def superseded(models: Path) -> list[Path]:
+    """Checkpoint folders of a profile (``models/<profile>``) that a newer folder of the same run replaced."""
+    newest, old = {}, []
+    for folder in sorted((p for p in models.glob("*-*") if p.is_dir()), key=lambda p: p.stat().st_mtime):
+        run = folder.name.rsplit("-", 1)[0]
+        if run in newest:
+            old.append(newest[run])
+        newest[run] = folder
+    return old
+
+
+def train_or_load(cfg: dict, r: dict, data: dict, progress: bool = True):
+    """Train one run (or resume it, or load it when that exact run is finished); returns (model, history, info)."""
+    run = r["run_name"]
+    parts = run_key_parts(r, cfg, data)
+    models = data["dirs"]["models"] / cfg["name"]
+    ckpt_dir = models / f"{run}-{run_key(parts)}"
+    final = ckpt_dir / "model.pt"
+    if final.exists():  # finished: the best weights are kept once, in model.pt
+        model, meta = load_trained(final)
+        return model, pd.DataFrame(meta["history"]), meta["info"], ckpt_dir
+    note = why_retrain(models, run, parts)
+    if note and progress:
+        print(note)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    (ckpt_dir / "key.json").write_text(json.dumps(parts, indent=1))
+    train_df = data["df"][data["df"].split == "train"]
+    keep = subsample(train_df, cfg["max_train_images"], r["seed"])
+    mask = torch.tensor(train_df.image_id.isin(keep.image_id).to_numpy())
+    x_train, y_train = data["tensors"]["train"]
+    seed_everything(r["seed"])  # the initial weights too, not only fit's shuffling and augmentation
+    model = build_model(r["arch"], len(data["classes"]), cfg["weights"], r["freeze_backbone"], r["head"],
+                        r["dropout"])
+    t0 = time.perf_counter()
+    model, history, info = fit(model, (x_train[mask], y_train[mask]), data["tensors"]["val"], r, ckpt_dir,
+                               device=pick_device(cfg["device"]), progress=progress)
+    info.update(wall_seconds=time.perf_counter() - t0, train_images=int(mask.sum()))
+    return model, history, info, ckpt_dir
+
+
+def run_recipe(cfg: dict, arch: str, recipe_name: str, data: dict, seed: int | None = None,
+               progress: bool = True) -> dict:
+    """Train (or resume, or load) ``arch`` with a recipe of the profile and one training seed; evaluate on val and
+    test; write reports under ``reports/<arch>_<recipe>_s<seed>/``."""
+    r = get_recipe(cfg, arch, recipe_name, seed)
     classes, df, tensors = data["classes"], data["df"], data["tensors"]
     run = r["run_name"]
     out = data["dirs"]["reports"] / run
     out.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = data["dirs"]["models"] / cfg["name"] / f"{run}-{run_key(r, cfg, data)}"
     device = pick_device(cfg["device"])
+    model, history, info, ckpt_dir = train_or_load(cfg, r, data, progress)
 
-    train_df = df[df.split == "train"]
-    keep = subsample(train_df, cfg["max_train_images"], r.get("seed", 0))
-    mask = torch.tensor(train_df.image_id.isin(keep.image_id).to_numpy())
-    x_train, y_train = tensors["train"]
-    train = (x_train[mask], y_train[mask])
-
-    seed_everything(r["seed"])  # the initial weights too, not only fit's shuffling and augmentation
-    model = build_model(arch, len(classes), cfg["weights"], r["freeze_backbone"], r["head"], r["dropout"])
-    t0 = time.perf_counter()
-    model, history, info = fit(model, train, tensors["val"], r, ckpt_dir, device=device, progress=progress)
-    info.update(wall_seconds=time.perf_counter() - t0, train_images=int(mask.sum()))
-
-    probs = {s: predict_proba(model, tensors[s][0], cfg["eval_batch_size"], device) for s in ("val", "test")}
-    preds = {s: predictions_frame(df[df.split == s], probs[s], classes) for s in probs}
+    probs = {s: predict_proba(model, tensors[s][0], cfg["eval_batch_size"], device, tta=r["tta"],
+                              size=cfg["image_size"]) for s in ("val", "test")}
+    # The decision rule: plain argmax, or logit adjustment with tau chosen on validation (never on test).
+    prior = np.bincount(tensors["train"][1].numpy(), minlength=len(classes)) / len(tensors["train"][1])
+    tau, sweep = choose_tau(probs["val"], tensors["val"][1].numpy(), prior) if r["logit_adjust"] else (0.0, [])
+    bias = decision_bias(prior, tau).tolist() if tau else None
+    info.update(logit_adjust_tau=tau, logit_adjust_sweep=sweep)
+    preds = {s: predictions_frame(df[df.split == s], probs[s], classes, bias) for s in probs}
     threshold = M.threshold_for_sensitivity(*M.malignancy_score(preds["val"], classes), target=0.95) \
         if M.has_malignancy_view(classes) else None
-    table = M.summary_with_ci(preds["test"], classes, threshold=threshold, n_boot=cfg["bootstrap"], seed=0)
+    table = M.summary_with_ci(preds["test"], classes, threshold=threshold, val_pred=preds["val"],
+                              n_boot=cfg["bootstrap"], seed=0)
 
-    meta = dict(arch=arch, recipe=recipe_name, run_name=run, classes=list(classes), task=cfg["task"],
-                image_size=cfg["image_size"], head=r["head"], dropout=r["dropout"], weights=cfg["weights"],
-                freeze_backbone=r["freeze_backbone"], recipe_settings=r, profile=cfg["name"],
-                malignancy_threshold=threshold, provenance=data["provenance"], info=info)
-    model_path = save_trained(model, meta, ckpt_dir / "model.pt")
+    meta = dict(arch=arch, recipe=recipe_name, seed=r["seed"], run_name=run, model_name=f"{arch}_{recipe_name}",
+                classes=list(classes), task=cfg["task"], image_size=cfg["image_size"], head=r["head"],
+                dropout=r["dropout"], weights=cfg["weights"], freeze_backbone=r["freeze_backbone"], tta=r["tta"],
+                select_metric=r["select_metric"], recipe_settings=r, profile=cfg["name"],
+                malignancy_threshold=threshold, decision_bias=bias, provenance=data["provenance"], info=info)
+    model_path = ckpt_dir / "model.pt"
+    if not model_path.exists():
+        save_trained(model, {**meta, "history": history.to_dict("records")}, model_path)
+        (ckpt_dir / "last.pt").unlink(missing_ok=True)  # finished: optimiser state is no longer needed
     meta["checkpoint"] = str(model_path)
 
     history.to_csv(out / "history.csv", index=False)
@@ -174,10 +266,36 @@ def run_recipe(cfg: dict, arch: str, recipe_name: str, data: dict, progress: boo
     (out / "model_card.md").write_text(model_card(meta, table))
     (out / "run.json").write_text(json.dumps({**meta, "checkpoint": os.path.relpath(model_path, out)},
                                              indent=1, default=str))
-    result = dict(run=run, arch=arch, recipe=recipe_name, model=model, history=history, info=info, meta=meta,
-                  preds=preds, metrics=table, threshold=threshold, out=out)
+    result = dict(run=run, arch=arch, recipe=recipe_name, seed=r["seed"], model=model, history=history, info=info,
+                  meta=meta, preds=preds, metrics=table, threshold=threshold, out=out)
     result["figures"] = run_figures(result, data, cfg)
     return result
+
+
+def run_model(cfg: dict, arch: str, recipes, data: dict, progress: bool = True) -> dict:
+    """Every (recipe, seed) run of one model notebook: ``{run_name: result}``."""
+    return {f"{arch}_{name}_s{seed}": run_recipe(cfg, arch, name, data, seed, progress)
+            for name in recipes for seed in recipe_seeds(cfg, arch, name)}
+
+
+def check_runs(results: dict, data: dict) -> str:
+    """The model notebooks' invariants (a regression fails the notebook, and nbval): metrics in range, test
+    predictions cover the test split once with no lesion seen in training, history and figures written, and the
+    saved model loads back with the same classes. Returns a one-line summary."""
+    test_n = int((data["df"].split == "test").sum())
+    train_lesions = set(data["df"][data["df"].split == "train"].lesion_id)
+    for name, res in results.items():
+        m = res["metrics"].set_index("metric")["value"]
+        assert 0 <= m["accuracy"] <= 1 and 0 <= m["balanced_accuracy"] <= 1, (name, m)
+        pred = res["preds"]["test"]
+        assert pred.image_id.is_unique and len(pred) == test_n, name
+        assert set(pred.lesion_id).isdisjoint(train_lesions), f"{name}: a test lesion was in training"
+        assert len(res["history"]) == res["info"]["epochs_run"] >= 1, name
+        assert all(Path(p).exists() for p in res["figures"].values()), name
+        _, meta = load_trained(res["meta"]["checkpoint"])
+        assert meta["classes"] == list(data["classes"]), name
+    return "ok: " + ", ".join(f"{n}: accuracy {r['metrics'].set_index('metric').value['accuracy']:.3f}"
+                              for n, r in results.items())
 
 
 def run_figures(result: dict, data: dict, cfg: dict) -> dict:
@@ -199,13 +317,41 @@ def run_figures(result: dict, data: dict, cfg: dict) -> dict:
                            for k in range(len(classes))])
     model = result["model"]
     x = test_images[pick]
-    from .augment import to_input
     device = next(model.parameters()).device
-    heat = gradcam(model, to_input(x.to(device)), last_conv_layer(model))
+    heat = gradcam(model, to_input(x.to(device), cfg["image_size"]), last_conv_layer(model))
     figs["gradcam"] = P.gradcam_grid(x.numpy(), heat, test_df.label.to_numpy()[pick],
                                      result["preds"]["test"].pred.to_numpy()[pick], classes,
                                      title=f"Grad-CAM (test images): {run}")
     return {name: P.save(fig, out / f"{name}.png") for name, fig in figs.items()}
+
+
+RECIPE_KEYS = ["head", "freeze_backbone", "optimizer", "lr", "schedule", "batch_size", "epochs",
+               "resolution_schedule", "augment", "label_smoothing", "tta", "select_metric", "patience"]
+
+
+def recipe_table(cfg: dict, arch: str, recipes, num_classes: int) -> pd.DataFrame:
+    """The settings of each recipe a notebook is about to train, its seeds and its trainable-parameter count."""
+    rows = {}
+    for name in recipes:
+        r = get_recipe(cfg, arch, name)
+        rows[name] = {**{k: r.get(k) for k in RECIPE_KEYS}, "seeds": recipe_seeds(cfg, arch, name),
+                      **trainable_summary(cfg, arch, name, num_classes)}
+    return pd.DataFrame(rows).T.rename(columns={"trainable": "trainable params", "total": "total params"})
+
+
+def recipe_notes(cfg: dict, arch: str, recipes) -> list[str]:
+    """Where the profile changes a recipe for this model, and why it says so (e.g. no ImageNet weights)."""
+    notes = []
+    for name in recipes:
+        over = {k: v for k, v in cfg.get("recipe_overrides", {}).get(f"{arch}/{name}", {}).items() if k != "seeds"}
+        base = cfg["recipes"][name]
+        if base.get("freeze_backbone") and not over.get("freeze_backbone", True) and cfg["weights"] is None:
+            notes.append(f"{arch}/{name}: the recipe freezes an ImageNet backbone, and this profile has no ImageNet "
+                         f"weights ({weights_label(cfg['weights'])}); it runs its nearest honest variant: the same "
+                         f"head, optimiser, lr, batch and augmentation, with the backbone trained too.")
+        elif over:
+            notes.append(f"{arch}/{name}: this profile overrides {over}.")
+    return notes
 
 
 def trainable_summary(cfg: dict, arch: str, recipe_name: str, num_classes: int) -> dict:
@@ -216,5 +362,5 @@ def trainable_summary(cfg: dict, arch: str, recipe_name: str, num_classes: int) 
     return dict(total=count_parameters(m, False), trainable=head if r["freeze_backbone"] else count_parameters(m))
 
 
-__all__ = ["prepare_data", "load_data", "run_recipe", "load_trained", "provenance", "provenance_line",
-           "trainable_summary", "predictions_frame"]
+__all__ = ["prepare_data", "load_data", "run_recipe", "run_model", "check_runs", "load_trained", "provenance",
+           "provenance_line", "trainable_summary", "predictions_frame", "subsample", "superseded"]

@@ -6,15 +6,17 @@ the baselines included, in that one form means every row of a results table goes
 
 Uncertainty is estimated by resampling *lesions*, not images: HAM10000 holds several photographs of many lesions,
 those images are far from independent, and an image-level bootstrap would report intervals that are too narrow.
-scikit-learn and SciPy compute the metrics and tests themselves; this module only chooses and wires them.
+Models are compared the same way: paired differences over lesion resamples (``compare_models``), with Holm's
+adjustment across the comparisons made. scikit-learn and SciPy compute the metrics; this module chooses and wires
+them.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.stats import binomtest
+from scipy.stats import rankdata
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classification_report, confusion_matrix,
                              log_loss, roc_auc_score, roc_curve)
 
@@ -215,16 +217,45 @@ def bootstrap_ci(pred: pd.DataFrame, metric_fn: Callable[[pd.DataFrame], float],
 
 
 def summary_with_ci(pred: pd.DataFrame, classes: Sequence[str], threshold: float | None = None,
-                    n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> pd.DataFrame:
+                    n_boot: int = 1000, seed: int = 0, alpha: float = 0.05, val_pred: pd.DataFrame | None = None,
+                    target_sensitivity: float = 0.95) -> pd.DataFrame:
     """``summary`` as a table (metric, value, ci_low, ci_high) with lesion-bootstrap intervals for every metric.
+
+    ``pred`` is the test split. Sensitivity and specificity need a malignancy threshold:
+
+    - with ``val_pred`` (the validation predictions; the way to call it), the point estimate uses ``threshold``,
+      or when that is None the threshold reaching ``target_sensitivity`` on the whole validation split; and every
+      resample re-chooses the threshold on resampled validation lesions before applying it to the resampled test
+      lesions, so the interval includes the uncertainty of the threshold itself, not only of the test sample. The
+      table then has a ``malignancy_threshold`` row: the chosen threshold and its interval over validation
+      resamples.
+    - without ``val_pred``, ``threshold`` is held fixed in every resample (narrower than the truth; kept for
+      callers that have no validation split).
 
     All metrics share each resample (one pass, and consistent intervals); a resample where any metric is undefined
     is dropped for all of them. Costs about 25 ms per resample for 7 classes on one CPU core (scikit-learn's input
     checks dominate), i.e. ~25 s at n_boot=1000; use ``bootstrap_ci`` with one metric when that is all you need.
     """
-    point = summary(pred, classes, threshold)
-    runs = _collect(lambda rows: summary(pred.iloc[rows], classes, threshold),
-                    _group_resamples(pred["lesion_id"], n_boot, seed), n_boot)
+    rechoose = val_pred is not None and has_malignancy_view(classes)
+    if not rechoose:
+        point = summary(pred, classes, threshold)
+        runs = _collect(lambda rows: summary(pred.iloc[rows], classes, threshold),
+                        _group_resamples(pred["lesion_id"], n_boot, seed), n_boot)
+    else:
+        y_val, s_val = malignancy_score(val_pred, classes)
+        if threshold is None:
+            threshold = threshold_for_sensitivity(y_val, s_val, target_sensitivity)
+        point = {**summary(pred, classes, threshold), "malignancy_threshold": float(threshold)}
+
+        def one(rows_pair):
+            test_rows, val_rows = rows_pair
+            t = threshold_for_sensitivity(y_val[val_rows], s_val[val_rows], target_sensitivity)
+            return {**summary(pred.iloc[test_rows], classes, t), "malignancy_threshold": t}
+
+        # val and test hold different lesions: independent draws (seed + 1 so the two streams differ)
+        pairs = zip(_group_resamples(pred["lesion_id"], n_boot, seed),
+                    _group_resamples(val_pred["lesion_id"], n_boot, seed + 1))
+        runs = _collect(one, pairs, n_boot)
     boot = pd.DataFrame(runs)
     rows = [(name, value, *_percentiles(boot[name], alpha)) for name, value in point.items()]
     return pd.DataFrame(rows, columns=["metric", "value", "ci_low", "ci_high"])
@@ -264,20 +295,6 @@ def _paired(pred_a: pd.DataFrame, pred_b: pd.DataFrame) -> tuple[pd.DataFrame, p
     return pred_a.reset_index(drop=True), b
 
 
-def mcnemar(pred_a: pd.DataFrame, pred_b: pd.DataFrame) -> dict:
-    """Exact McNemar test on paired correctness: b = images only model A gets right, c = only model B.
-
-    Under "the models are equally accurate", each discordant image is a fair coin, so p is the two-sided binomial
-    test of b successes in b + c trials (scipy's exact ``binomtest``).
-    """
-    a, b = _paired(pred_a, pred_b)
-    right_a = (a["pred"] == a["label"]).to_numpy()
-    right_b = (b["pred"] == b["label"]).to_numpy()
-    n_b, n_c = int(np.sum(right_a & ~right_b)), int(np.sum(~right_a & right_b))
-    p_value = binomtest(n_b, n_b + n_c, 0.5).pvalue if n_b + n_c else 1.0
-    return {"b": n_b, "c": n_c, "p_value": float(p_value)}
-
-
 def paired_bootstrap_diff(pred_a: pd.DataFrame, pred_b: pd.DataFrame, metric_fn: Callable[[pd.DataFrame], float],
                           n_boot: int = 1000, seed: int = 0, group: str = "lesion_id",
                           alpha: float = 0.05) -> tuple[float, float, float]:
@@ -290,6 +307,165 @@ def paired_bootstrap_diff(pred_a: pd.DataFrame, pred_b: pd.DataFrame, metric_fn:
     values = _collect(lambda rows: metric_fn(a.iloc[rows]) - metric_fn(b.iloc[rows]),
                       _group_resamples(a[group], n_boot, seed), n_boot)
     return (float(metric_fn(a) - metric_fn(b)), *_percentiles(values, alpha))
+
+
+# Paired lesion-level comparison of models, each possibly trained with several seeds. The per-resample scoring is
+# written on arrays (rank-based AUC, bincount recalls): a study compares ~10 runs x 1000 resamples, and building a
+# DataFrame and going through scikit-learn's input checks for each would take minutes. The fast scores equal
+# ``macro_auc``, ``balanced_accuracy`` and ``accuracy`` exactly (tests check it).
+PAIRED_METRICS = ("auc", "balanced_accuracy", "accuracy")  # macro AUC first: it is what chose the best model
+
+
+def _rank_auc(y: np.ndarray, probs: np.ndarray, n_classes: int) -> float:
+    """Macro one-vs-rest AUC by the Mann-Whitney rank formula (ties count half, as in ``roc_auc_score``)."""
+    cols = [1] if n_classes == 2 else list(range(n_classes))
+    positive = y[:, None] == np.asarray(cols)[None, :]
+    n_pos = positive.sum(axis=0)
+    n_neg = len(y) - n_pos
+    if (n_pos == 0).any() or (n_neg == 0).any():
+        raise ValueError("AUC undefined: a class has no positive or no negative cases in this sample")
+    ranks = rankdata(probs[:, cols], axis=0)
+    return float(np.mean(((ranks * positive).sum(axis=0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)))
+
+
+def _fast_scores(y: np.ndarray, y_hat: np.ndarray, probs: np.ndarray, n_classes: int,
+                 names: Sequence[str]) -> list[float]:
+    out = []
+    for name in names:
+        if name == "auc":
+            out.append(_rank_auc(y, probs, n_classes))
+        elif name == "accuracy":
+            out.append(float(np.mean(y == y_hat)))
+        elif name == "balanced_accuracy":  # mean recall over the classes present in y, as scikit-learn's
+            support = np.bincount(y, minlength=n_classes)
+            hits = np.bincount(y[y == y_hat], minlength=n_classes)
+            present = support > 0
+            out.append(float(np.mean(hits[present] / support[present])))
+        else:
+            raise ValueError(f"unknown paired metric {name!r}; choose from {PAIRED_METRICS}")
+    return out
+
+
+def bootstrap_p_value(diffs, point: float) -> float:
+    """Two-sided bootstrap p-value of a difference: twice the share of resampled differences on the other side of
+    0 from the point estimate (0 itself counts as the other side), at least 1/(n+1) and at most 1.
+
+    It agrees with the percentile interval: p < alpha about when the (1 - alpha) interval excludes 0.
+    """
+    diffs = np.asarray(diffs, dtype=float)
+    if point == 0 or not len(diffs):
+        return 1.0
+    other_side = np.mean(diffs <= 0) if point > 0 else np.mean(diffs >= 0)
+    return float(min(1.0, max(2 * other_side, 1 / (len(diffs) + 1))))
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's step-down adjustment: the k-th smallest of m p-values is multiplied by (m - k + 1), running maxima
+    keep the order, capped at 1. Controls the family-wise error rate over all the tests passed in."""
+    p = np.asarray(p_values, dtype=float)
+    if np.isnan(p).any() or ((p < 0) | (p > 1)).any():
+        raise ValueError(f"p-values must be in [0, 1], got {p}")
+    order = np.argsort(p, kind="stable")
+    adjusted = np.minimum(1.0, np.maximum.accumulate((len(p) - np.arange(len(p))) * p[order]))
+    out = np.empty_like(p)
+    out[order] = adjusted
+    return out
+
+
+def compare_models(models: Mapping[str, Sequence[pd.DataFrame]], classes: Sequence[str], reference: str,
+                   metrics: Sequence[str] = PAIRED_METRICS, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05,
+                   group: str = "lesion_id", resample_seeds: bool = True) -> pd.DataFrame:
+    """Paired lesion-bootstrap differences ``reference - other`` for every other model and metric, with Holm.
+
+    ``models`` maps a model name to its test prediction tables, one per training seed (all on the same images;
+    rows are aligned on ``image_id``). Per resample:
+
+    1. one draw of lesions with replacement (all images of a drawn lesion come along), shared by every run of
+       every model, so the comparison is paired and correlated photographs are not counted as independent;
+    2. each model's seeds are drawn with replacement (a model with one seed keeps its one run), and the model's
+       score is the mean of the metric over the drawn seeds;
+    3. the difference is the reference model's score minus the other's.
+
+    Step 2 is the choice for training-seed noise: averaging the metric (not the probabilities, which would score a
+    seed ensemble instead of the models as trained) over seeds, and resampling the seeds, lets lesion noise and
+    seed noise both enter the interval. With few seeds the seed part is underestimated (a bootstrap of k values has
+    variance (k - 1) / k of the usual estimate) and with one seed per model it is absent: the interval then covers
+    test-set sampling only. ``resample_seeds=False`` keeps every seed in every resample (lesion noise only).
+
+    The point difference uses all seeds and all lesions. The p-value is ``bootstrap_p_value``; ``p_holm`` adjusts
+    it with ``holm`` over every row of the table (all other models x all metrics): the comparisons made.
+    Resamples where a metric is undefined (a class absent) are dropped for all (see ``_collect``).
+
+    Returns one row per (other model, metric): reference, other, metric, difference, ci_low, ci_high, p_value,
+    p_holm, n_boot (resamples used), seeds_reference, seeds_other (counts).
+    """
+    if reference not in models:
+        raise KeyError(f"reference model {reference!r} not among {list(models)}")
+    if any(not len(tables) for tables in models.values()):
+        raise ValueError("every model needs at least one prediction table")
+    names = list(models)
+    runs = [(name, table) for name in names for table in models[name]]
+    base = runs[0][1].reset_index(drop=True)
+    aligned = [_paired(base, table)[1] for _, table in runs]  # every run in the first table's row order
+    y = base["label"].to_numpy()
+    arrays = [(t["pred"].to_numpy(), prob_matrix(t, classes)) for t in aligned]
+    n_classes = len(classes)
+
+    def score_all(rows):
+        return [_fast_scores(y[rows], y_hat[rows], probs[rows], n_classes, metrics) for y_hat, probs in arrays]
+
+    point_runs = np.array(score_all(np.arange(len(base))))  # runs x metrics
+    boot = np.array(_collect(score_all, _group_resamples(base[group], n_boot, seed), n_boot))  # B x runs x metrics
+    n_used = len(boot)
+    positions = {name: np.array([i for i, (n, _) in enumerate(runs) if n == name]) for name in names}
+    rng = np.random.default_rng(seed + 1)
+
+    def model_scores(name):
+        pos = positions[name]
+        draws = rng.integers(0, len(pos), (n_used, len(pos))) if resample_seeds else \
+            np.broadcast_to(np.arange(len(pos)), (n_used, len(pos)))
+        return point_runs[pos].mean(axis=0), boot[np.arange(n_used)[:, None], pos[draws]].mean(axis=1)
+
+    ref_point, ref_boot = model_scores(reference)
+    rows = []
+    for name in names:
+        if name == reference:
+            continue
+        point, values = model_scores(name)
+        for k, metric in enumerate(metrics):
+            d, diffs = float(ref_point[k] - point[k]), ref_boot[:, k] - values[:, k]
+            low, high = _percentiles(diffs, alpha)
+            rows.append(dict(reference=reference, other=name, metric=metric, difference=d, ci_low=low, ci_high=high,
+                             p_value=bootstrap_p_value(diffs, d), n_boot=n_used,
+                             seeds_reference=len(positions[reference]), seeds_other=len(positions[name])))
+    table = pd.DataFrame(rows, columns=["reference", "other", "metric", "difference", "ci_low", "ci_high", "p_value",
+                                        "p_holm", "n_boot", "seeds_reference", "seeds_other"])
+    if len(table):
+        table["p_holm"] = holm(table["p_value"])
+    return table
+
+
+# ---------------------------------------------------------------------------------------------- model selection
+SELECT_METRICS = {"val_loss": False, "val_acc": True, "val_bal_acc": True, "val_auc": True}  # higher is better?
+
+
+def validation_score(val_pred: pd.DataFrame, classes: Sequence[str], select_metric: str = "val_auc") -> float:
+    """A run's validation score by the profile's selection metric, from its saved validation predictions.
+
+    The same definitions as ``evaluate.val_scores`` (which picks each run's epoch during training): val_auc is
+    macro one-vs-rest AUC, val_bal_acc balanced accuracy, val_acc accuracy, val_loss the mean negative log
+    probability of the true class (lower is better; see ``SELECT_METRICS``). NaN where undefined (a class absent).
+    """
+    if select_metric not in SELECT_METRICS:
+        raise ValueError(f"select_metric {select_metric!r}; allowed: {tuple(SELECT_METRICS)}")
+    if select_metric == "val_loss":
+        probs, y = prob_matrix(val_pred, classes), val_pred["label"].to_numpy()
+        return float(-np.mean(np.log(probs[np.arange(len(y)), y] + 1e-12)))
+    fn = {"val_auc": lambda p: macro_auc(p, classes), "val_bal_acc": balanced_accuracy, "val_acc": accuracy}
+    try:
+        return fn[select_metric](val_pred)
+    except ValueError:
+        return float("nan")
 
 
 def majority_predictions(test_df: pd.DataFrame, classes: Sequence[str], majority_label: int) -> pd.DataFrame:

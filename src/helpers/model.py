@@ -2,7 +2,7 @@
 
 Residual learning in a few dozen lines: each block computes ``relu(F(x) + shortcut(x))``; the network is a stem,
 four stages of blocks, global pooling and a head. ``build_model`` adds the options the notebooks set: weights
-(ImageNet / random init / a file), a frozen backbone, the seed's transfer head or a linear one.
+(ImageNet / random init / a file), a frozen backbone, the first write-up's transfer head (mlp) or a linear one.
 """
 from __future__ import annotations
 
@@ -124,8 +124,8 @@ def resnet(arch: str, num_classes: int = 1000, in_channels: int = 3) -> ResNet:
     return ResNet(block, layers, in_channels, num_classes)
 
 
-def seed_head(in_features: int, num_classes: int, hidden: int = 128, p1: float = 0.5, p2: float = 0.3) -> nn.Sequential:
-    """The first seed's transfer head: Dropout(0.5) -> Linear(in -> 128) -> ReLU -> Dropout(0.3) -> Linear(128 -> n)."""
+def mlp_head(in_features: int, num_classes: int, hidden: int = 128, p1: float = 0.5, p2: float = 0.3) -> nn.Sequential:
+    """The first write-up's transfer head: Dropout(0.5) -> Linear(in -> 128) -> ReLU -> Dropout(0.3) -> Linear(128 -> n)."""
     return nn.Sequential(nn.Dropout(p1), nn.Linear(in_features, hidden), nn.ReLU(inplace=True), nn.Dropout(p2),
                          nn.Linear(hidden, num_classes))
 
@@ -162,7 +162,7 @@ def build_model(arch: str = "resnet34", num_classes: int = 7, weights: str | Non
     """A ResNet for the task.
 
     weights: ``"imagenet"`` (torchvision's, loaded strictly into our layout), ``None`` (random init) or a path to a
-    state_dict / checkpoint saved by this project. head: ``"seed"`` (the transfer head) or ``"linear"``.
+    state_dict / checkpoint saved by this project. head: ``"mlp"`` (the write-up's transfer head) or ``"linear"``.
     A frozen backbone with random weights is refused: it would train a head on random features.
     """
     if freeze_backbone and weights is None:
@@ -171,12 +171,12 @@ def build_model(arch: str = "resnet34", num_classes: int = 7, weights: str | Non
     model = resnet(arch, 1000 if weights == "imagenet" else num_classes, in_channels)
     if weights == "imagenet":
         model.load_state_dict(imagenet_state_dict(arch), strict=True)
-    if head == "seed":
-        model.fc = seed_head(model.num_features, num_classes)
+    if head == "mlp":
+        model.fc = mlp_head(model.num_features, num_classes)
     elif head == "linear":
         model.fc = linear_head(model.num_features, num_classes, dropout)
     else:
-        raise ValueError(f"head must be 'seed' or 'linear', not {head!r}")
+        raise ValueError(f"head must be 'mlp' or 'linear', not {head!r}")
     if weights not in (None, "imagenet"):
         path = Path(os.fspath(weights))
         if not path.exists():
@@ -228,6 +228,7 @@ def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu") ->
         raise FileNotFoundError(f"checkpoint {path} not found (models/ is filled by running the model notebooks)")
     saved = torch.load(path, map_location="cpu", weights_only=False)
     meta = saved["meta"]
-    model = build_model(meta["arch"], len(meta["classes"]), None, False, meta["head"], meta.get("dropout", 0.0))
+    head = {"seed": "mlp"}.get(meta["head"], meta["head"])  # checkpoints from before the rename
+    model = build_model(meta["arch"], len(meta["classes"]), None, False, head, meta.get("dropout", 0.0))
     model.load_state_dict(saved["model"], strict=True)
     return model.to(device).eval(), meta

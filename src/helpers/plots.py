@@ -65,6 +65,48 @@ def history_overlay(histories: Mapping[str, pd.DataFrame], title: str) -> Figure
     return fig
 
 
+def cumulative_train_seconds(history: pd.DataFrame) -> pd.Series:
+    """Training seconds up to the end of each epoch: ``train_seconds_cum`` when the history has it, else the
+    running sum of ``seconds`` (older histories; that column also counts each epoch's validation time)."""
+    if "train_seconds_cum" in history:
+        return history["train_seconds_cum"].astype(float)
+    return history["seconds"].astype(float).cumsum()
+
+
+def time_to_accuracy(histories: Mapping[str, pd.DataFrame], title: str,
+                     groups: Mapping[str, str] | None = None) -> Figure:
+    """Validation macro AUC (left) and balanced accuracy (right) against cumulative training time, one line per
+    run, all runs on the same axes: what each model buys per minute of training on this hardware.
+
+    ``groups`` maps a run to its model (runs of one model, e.g. several seeds, share a colour and differ in line
+    style). The x axis is in minutes (``cumulative_train_seconds`` / 60), as "train min" in the comparison table.
+    """
+    if not histories:
+        raise ValueError("time_to_accuracy needs at least one history")
+    groups = dict(groups or {})
+    models = list(dict.fromkeys(groups.get(run, run) for run in histories))
+    colours = {m: f"C{i % 10}" for i, m in enumerate(models)}
+    styles = ["-", "--", ":", "-."]
+    seen: dict[str, int] = {}
+    fig, ((auc_ax, bal_ax),) = _figure(1, 2, size=(12, 4.5))
+    for run, h in histories.items():
+        model = groups.get(run, run)
+        k = seen[model] = seen.get(model, -1) + 1
+        minutes = cumulative_train_seconds(h) / 60
+        style = dict(color=colours[model], ls=styles[k % len(styles)], marker="o", ms=3, label=run)
+        auc_ax.plot(minutes, h["val_auc"], **style)
+        bal_ax.plot(minutes, h["val_bal_acc"], **style)
+    auc_ax.set(title="Validation macro AUC", xlabel="cumulative training time (min)", ylabel="macro AUC")
+    bal_ax.set(title="Validation balanced accuracy", xlabel="cumulative training time (min)",
+               ylabel="balanced accuracy")
+    for ax in (auc_ax, bal_ax):
+        ax.set_xlim(left=0)
+        ax.grid(alpha=0.3)
+    bal_ax.legend(fontsize="small", loc="best")
+    fig.suptitle(title)
+    return fig
+
+
 # ---------------------------------------------------------------------------------------------------- evaluation
 def _confusion_ax(ax, pred, classes) -> None:
     """Counts as numbers; colour by row share, so rare classes' errors are as visible as the nevi's."""
@@ -297,9 +339,12 @@ def class_counts(df: pd.DataFrame, classes: Sequence[str], title: str,
 
 # ---------------------------------------------------------------------------------------------------------- save
 def save(fig: Figure, path: str | os.PathLike) -> Path:
-    """Write ``fig`` as PNG (110 dpi, tight box), creating folders; then close it (a no-op unless pyplot made it)."""
+    """Write ``fig`` as PNG (110 dpi, tight box), creating folders; then close it (a no-op unless pyplot made it).
+
+    The figure's title goes into the PNG's "Title" text, where the HTML pages find their images' alt text."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    title = " ".join(fig.get_suptitle().split())
+    fig.savefig(path, dpi=110, bbox_inches="tight", metadata={"Title": title} if title else None)
     plt.close(fig)
     return path

@@ -3,8 +3,9 @@
     python -m helpers.predict --checkpoint models/.../model.pt IMAGE_OR_FOLDER... --out preds.csv
 
 Images of any size go through exactly what evaluation used: the cache's resize to the model's square input size
-(``data.resize_to_uint8``), then ``train.predict_proba`` (normalisation, no augmentation). A file that cannot be
-read is named on stderr and skipped, so one bad image does not cost the predictions for the rest.
+(``data.resize_to_uint8``), then ``evaluate.predict_proba`` (normalisation, no augmentation). A file that cannot
+be read is named on stderr and skipped, so one bad image does not cost the predictions for the rest.
+``helpers.external`` predicts through this module only, so a change of the evaluation path lands here once.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from PIL import Image
 
 from .data import IMAGE_SUFFIXES, DataError, read_rgb, resize_to_uint8
 from .model import load_trained
-from .train import pick_device, predict_proba
+from .device import pick_device
+from .evaluate import decide, predict_proba
 
 
 def find_images(inputs) -> list[Path]:
@@ -46,6 +48,12 @@ def load_images(paths, size: int) -> tuple[list[Path], list[torch.Tensor], list[
     return good, tensors, errors
 
 
+def load_checkpoint(path, device="auto"):
+    """``(model, meta)`` from a model.pt, on ``device`` ("auto" | "cpu" | "cuda"), in eval mode: the loading half
+    of this module, so callers (``helpers.external``) never import the training code themselves."""
+    return load_trained(path, pick_device(device))
+
+
 def predict_paths(model, meta: dict, paths, batch_size: int = 64, device=None):
     """Predict ``paths`` with a model from ``load_trained``; returns ``(table, errors)``.
 
@@ -63,9 +71,9 @@ def predict_paths(model, meta: dict, paths, batch_size: int = 64, device=None):
         errors += bad
         if not good:
             continue
-        probs = predict_proba(model, torch.stack(tensors), batch_size, device)
-        for path, p in zip(good, probs):
-            rows.append({"path": str(path), "predicted": classes[int(p.argmax())],
+        probs = predict_proba(model, torch.stack(tensors), batch_size, device, tta=meta.get("tta", False))
+        for path, p, k in zip(good, probs, decide(probs, meta.get("decision_bias"))):
+            rows.append({"path": str(path), "predicted": classes[int(k)],
                          **{f"p_{c}": float(v) for c, v in zip(classes, p)}})
     table = pd.DataFrame(rows, columns=["path", "predicted", *(f"p_{c}" for c in classes)])
     return table, errors
@@ -85,14 +93,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     """Exit code 0 when at least one image was predicted, 2 when none was (nothing is written then)."""
     args = parse_args(argv)
-    device = pick_device(args.device)
     try:
-        model, meta = load_trained(args.checkpoint, device)
+        model, meta = load_checkpoint(args.checkpoint, args.device)
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     paths = find_images(args.inputs)
-    table, errors = predict_paths(model, meta, paths, args.batch_size, device)
+    table, errors = predict_paths(model, meta, paths, args.batch_size)
     for path, reason in errors:
         print(f"skipped {reason}", file=sys.stderr)
     if table.empty:

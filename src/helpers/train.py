@@ -1,77 +1,45 @@
 """One training loop for every model: fast on a GPU, exact on a CPU, resumable everywhere.
 
-``fit`` reads batches straight from the uint8 image tensor (moved to the GPU once when there is one), augments and
-normalises them on the device, and trains with bf16 autocast and channels_last on CUDA (fp32 on the CPU). After each
-epoch it validates, keeps the best weights by a validation metric, and writes a checkpoint holding everything
-needed to continue bit-for-bit: model, optimiser, scheduler, scaler, every RNG state and the history.
+``fit`` reads batches straight from the uint8 image tensor (moved to the GPU once when there is one, with its labels),
+resizes, augments and normalises them on the device, and trains with autocast and channels_last on CUDA (fp32 on the
+CPU). Nothing in a step waits on the host: the shuffled order is drawn on the device, loss and accuracy accumulate
+there and are read once per epoch, and the NaN check runs every ``check_every`` steps. After each epoch it validates,
+keeps the best weights by the profile's selection metric, and writes a checkpoint holding everything needed to
+continue bit-for-bit on the CPU: model, optimiser, scheduler, scaler, every RNG state and the history.
 """
 from __future__ import annotations
 
 import math
 import os
 import random
+import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-from tqdm import tqdm  # text bars: they render in JupyterLab and in the HTML reports alike, no widgets
 
-from .augment import make_augment, to_input
+from .augment import Preprocess
+from .config import resolve_recipe
+from .device import amp_dtype, autocast, pick_device
+from .evaluate import SELECT_METRICS, predict_proba, val_scores
 from .model import count_parameters, train_mode
-
-# What a recipe may set, with defaults. The profiles fill these in; unknown keys are refused.
-DEFAULTS = dict(
-    epochs=10, batch_size=32, optimizer="adam", lr=3e-4, weight_decay=0.0, momentum=0.9, schedule="none",
-    warmup_epochs=0, label_smoothing=0.0, class_weighting="none", sampler="shuffle", augment="seed",
-    select_metric="val_loss", patience=None, seed=0, compile=False, max_train_images=None,
-    # model options, read by build_model
-    arch="resnet34", head="linear", dropout=0.0, freeze_backbone=False, recipe="", run_name="",
-)
-HIGHER_IS_BETTER = {"val_loss": False, "val_acc": True, "val_bal_acc": True, "val_auc": True}
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-def resolve_recipe(recipe: dict) -> dict:
-    unknown = sorted(set(recipe) - set(DEFAULTS))
-    if unknown:
-        raise KeyError(f"unknown recipe setting(s) {unknown}; known: {sorted(DEFAULTS)}")
-    r = {**DEFAULTS, **recipe}
-    checks = {
-        "optimizer": ("adam", "adamw", "sgd"), "schedule": ("none", "cosine", "onecycle"),
-        "class_weighting": ("none", "balanced"), "sampler": ("shuffle", "balanced"),
-        "select_metric": tuple(HIGHER_IS_BETTER), "augment": ("none", "seed", "strong"),
-    }
-    for key, allowed in checks.items():
-        if r[key] not in allowed:
-            raise ValueError(f"recipe {key}={r[key]!r}; allowed: {allowed}")
-    for key in ("epochs", "batch_size"):
-        if not isinstance(r[key], int) or r[key] < 1:
-            raise ValueError(f"recipe {key} must be a positive integer, not {r[key]!r}")
-    if not (r["lr"] > 0):
-        raise ValueError(f"recipe lr must be positive, not {r['lr']!r}")
-    return r
-
-
-def pick_device(device: str | None = None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA where supported, else fp16 (with a GradScaler in fit); fp32 on the CPU."""
-    if device.type != "cuda":
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+def epoch_size(r: dict, epoch: int) -> int:
+    """Training resolution of ``epoch`` (1-based)."""
+    done = 0
+    for size, n in r["resolution_schedule"] or [[r["image_size"], r["epochs"]]]:
+        done += n
+        if epoch <= done:
+            return size
+    return r["image_size"]
 
 
 def seed_everything(seed: int) -> None:
@@ -95,44 +63,14 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# ------------------------------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def predict_proba(model, images_uint8: torch.Tensor, batch_size: int = 256, device=None) -> np.ndarray:
-    """Class probabilities (N x C, float64) for uint8 images, no augmentation, model in eval mode."""
-    device = pick_device(device) if device is None or isinstance(device, str) else device
-    model.eval()
-    out = []
-    for i in range(0, len(images_uint8), batch_size):
-        x = to_input(images_uint8[i:i + batch_size].to(device, non_blocking=True))
-        with autocast(device):
-            out.append(torch.softmax(model(x).float(), 1).cpu())
-    return torch.cat(out).double().numpy() if out else np.zeros((0, 0))
-
-
-def scores(probs: np.ndarray, labels: np.ndarray) -> dict:
-    """Validation numbers used to select epochs: loss, accuracy, balanced accuracy, macro one-vs-rest AUC."""
-    labels = np.asarray(labels)
-    eps = 1e-12
-    loss = float(-np.mean(np.log(probs[np.arange(len(labels)), labels] + eps)))
-    pred = probs.argmax(1)
-    n = probs.shape[1]
-    try:
-        if n == 2:
-            auc = roc_auc_score(labels, probs[:, 1])
-        else:
-            auc = roc_auc_score(labels, probs, multi_class="ovr", average="macro", labels=list(range(n)))
-    except ValueError:  # a class absent from this split (tiny smoke data)
-        auc = float("nan")
-    return dict(val_loss=loss, val_acc=float((pred == labels).mean()),
-                val_bal_acc=float(balanced_accuracy_score(labels, pred)), val_auc=float(auc))
-
-
-# --------------------------------------------------------------------------------------------------- training
-def _optimizer(params, r):
+# --------------------------------------------------------------------------------------------------- pieces
+def _optimizer(params, r, device=torch.device("cpu")):
+    # On CUDA the fused kernels keep Adam's step counters on the device: no host loop, no reads per step.
+    fused = {"fused": True} if device.type == "cuda" else {}
     if r["optimizer"] == "adam":
-        return torch.optim.Adam(params, lr=r["lr"], weight_decay=r["weight_decay"])
+        return torch.optim.Adam(params, lr=r["lr"], weight_decay=r["weight_decay"], **fused)
     if r["optimizer"] == "adamw":
-        return torch.optim.AdamW(params, lr=r["lr"], weight_decay=r["weight_decay"])
+        return torch.optim.AdamW(params, lr=r["lr"], weight_decay=r["weight_decay"], **fused)
     return torch.optim.SGD(params, lr=r["lr"], momentum=r["momentum"], weight_decay=r["weight_decay"], nesterov=True)
 
 
@@ -147,24 +85,77 @@ def _scheduler(opt, r, steps_per_epoch):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
 
-def _batches(labels: torch.Tensor, r, generator) -> list[torch.Tensor]:
-    """Index batches for one epoch: a shuffle, or class-balanced sampling with replacement."""
+def _order(labels: torch.Tensor, r, generator) -> torch.Tensor:
+    """One epoch's sample order, drawn on the labels' device: a shuffle, or class-balanced sampling."""
     n = len(labels)
     if r["sampler"] == "balanced":
-        counts = torch.bincount(labels).float()
-        weights = (1.0 / counts)[labels]
-        order = torch.multinomial(weights, n, replacement=True, generator=generator)
-    else:
-        order = torch.randperm(n, generator=generator)
-    return [order[i:i + r["batch_size"]] for i in range(0, n, r["batch_size"])]
+        weights = (1.0 / torch.bincount(labels).float())[labels]
+        return torch.multinomial(weights, n, replacement=True, generator=generator)
+    return torch.randperm(n, generator=generator, device=labels.device)
+
+
+def optimizer_step(opt, sched, scaler) -> bool:
+    """One optimiser step, and the schedule advances only when the optimiser really stepped: in fp16 the scaler
+    skips steps whose gradients overflowed (it reads its inf flag on the host anyway, so checking costs no extra
+    sync). Returns whether it stepped."""
+    if not scaler.is_enabled():
+        opt.step()
+        sched.step()
+        return True
+    scale = scaler.get_scale()
+    scaler.step(opt)
+    scaler.update()
+    stepped = scaler.get_scale() >= scale  # the scale only shrinks when the step was skipped
+    if stepped:
+        sched.step()
+    return stepped
 
 
 def _save(obj, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)  # atomic: an interrupted save never leaves a half-written checkpoint
 
 
+class EpochLog:
+    """Progress that reads well in both places: a live bar with an ETA over all steps (terminal, JupyterLab) and a
+    compact line per epoch; headless runs (``HAM_HEADLESS=1``, set by run_all.sh) get the lines only, so the
+    rendered HTML shows a small table instead of blocks of progress output."""
+
+    COLUMNS = ("epoch", "px", "train_loss", "train_acc", "val_loss", "val_acc", "val_bal_acc", "val_auc", "s")
+
+    def __init__(self, name: str, total_steps: int, done_steps: int, enabled: bool):
+        self.name, self.enabled, self.header = name, enabled, False
+        self.bar = None
+        if enabled and not os.environ.get("HAM_HEADLESS"):
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=total_steps, initial=done_steps, desc=name, unit="step", leave=False,
+                            mininterval=1.0, file=sys.stdout)
+
+    def step(self):
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def epoch(self, row: dict):
+        if not self.enabled:
+            return
+        if not self.header:
+            print(f"{self.name}: " + " ".join(f"{c:>11}" for c in self.COLUMNS), flush=True)
+            self.header = True
+        vals = [row["epoch"], row["image_size"], *(row[c] for c in self.COLUMNS[2:8]), row["seconds"]]
+        text = " " * (len(self.name) + 2) + " ".join(
+            f"{v:>11}" if isinstance(v, int) else f"{v:>11.4f}" if abs(v) < 10 else f"{v:>11.1f}" for v in vals)
+        if self.bar is not None:
+            self.bar.write(text, file=sys.stdout)
+        else:
+            print(text, flush=True)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --------------------------------------------------------------------------------------------------- training
 def fit(model, train: tuple, val: tuple, recipe: dict, ckpt_dir: str | os.PathLike | None = None,
         device=None, progress: bool = True, stop_after_epochs: int | None = None):
     """Train ``model`` on ``train=(uint8 images, labels)``, select on ``val``; returns ``(model, history, info)``.
@@ -176,27 +167,29 @@ def fit(model, train: tuple, val: tuple, recipe: dict, ckpt_dir: str | os.PathLi
     r = resolve_recipe(recipe)
     device = pick_device(device) if device is None or isinstance(device, str) else device
     seed_everything(r["seed"])
-    generator = torch.Generator().manual_seed(r["seed"])
+    if device.type == "cuda":
+        # cuDNN autotuning picks the fastest kernels; it is not bit-deterministic unless deterministic is asked for.
+        torch.backends.cudnn.benchmark = not r["deterministic"]
+        torch.backends.cudnn.deterministic = r["deterministic"]
+    generator = torch.Generator(device=device).manual_seed(r["seed"])
     x_train, y_train = train
     x_val, y_val = val
-    if device.type == "cuda":  # the whole uint8 cache fits on the GPU: no loader, no host copies per batch
-        x_train = x_train.to(device)
+    # The uint8 images and their labels live on the device (the whole cache fits on a GPU): no loader, no host
+    # copies per batch. On the CPU this is a no-op.
+    x_train, y_train = x_train.to(device), y_train.to(device)
     model.to(device).to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if r["compile"] else model
+    step_model = torch.compile(model) if r["compile"] and os.environ.get("HAM_COMPILE", "1") != "0" else model
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(params, r)
+    opt = _optimizer(params, r, device)
     steps_per_epoch = math.ceil(len(y_train) / r["batch_size"])
     sched = _scheduler(opt, r, steps_per_epoch)
-    use_scaler = device.type == "cuda" and not torch.cuda.is_bf16_supported()
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    augment = make_augment(r["augment"])
-    if augment is not None:
-        augment = augment.to(device)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device) == torch.float16)
+    prep = Preprocess(r["augment"]).to(device)
     class_weight = None
     if r["class_weighting"] == "balanced":
         counts = torch.bincount(y_train, minlength=int(y_train.max()) + 1).float()
-        class_weight = (counts.sum() / (len(counts) * counts.clamp(min=1))).to(device)
-    sign = 1 if HIGHER_IS_BETTER[r["select_metric"]] else -1
+        class_weight = counts.sum() / (len(counts) * counts.clamp(min=1))
+    sign = 1 if SELECT_METRICS[r["select_metric"]] else -1
 
     state = dict(epoch=0, history=[], best_score=-math.inf, best_epoch=0, best_state=None, bad_epochs=0, done=False)
     ckpt = Path(ckpt_dir) / "last.pt" if ckpt_dir else None
@@ -212,34 +205,43 @@ def fit(model, train: tuple, val: tuple, recipe: dict, ckpt_dir: str | os.PathLi
         set_rng_state(saved["rng"], generator)
         state = saved["state"]
 
-    epoch_bar = tqdm(total=r["epochs"], initial=state["epoch"], desc=r["run_name"] or r["arch"],
-                     disable=not progress, mininterval=5)
+    log = EpochLog(r["run_name"] or r["arch"], r["epochs"] * steps_per_epoch, state["epoch"] * steps_per_epoch,
+                   progress)
     while not state["done"] and state["epoch"] < r["epochs"]:
         epoch = state["epoch"] + 1
+        size = epoch_size(r, epoch)
         train_mode(model)
         t0 = time.perf_counter()
-        total_loss, correct, seen = 0.0, 0, 0
-        for step, idx in enumerate(_batches(y_train, r, generator)):
-            x = to_input(x_train[idx.to(x_train.device)].to(device, non_blocking=True), augment)
-            y = y_train[idx].to(device, non_blocking=True)
+        total_loss = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        finite = torch.ones((), device=device, dtype=torch.bool)
+        order = _order(y_train, r, generator)
+        for step, idx in enumerate(order.split(r["batch_size"])):
+            x = prep(x_train[idx], size, train=True)
+            y = y_train[idx]
             with autocast(device):
                 logits = step_model(x)
                 loss = F.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=r["label_smoothing"])
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"{r['run_name']}: loss is {loss.item()} at epoch {epoch}, step {step}; "
-                                       f"the last good checkpoint ({ckpt or 'none'}) is kept. Lower the lr?")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            total_loss += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
+            optimizer_step(opt, sched, scaler)
+            loss = loss.detach()
+            finite &= torch.isfinite(loss)
+            total_loss += loss * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
+            if (step + 1) % r["check_every"] == 0 and not bool(finite):  # one host read every check_every steps
+                break
+            log.step()
+        if not bool(finite):
+            raise TrainingDiverged(f"{r['run_name']}: the loss became NaN or infinite in epoch {epoch}; the last good "
+                                   f"checkpoint ({ckpt or 'none'}) is kept. Lower the lr?")
+        seen = len(order)
         train_seconds = time.perf_counter() - t0
-        val_scores = scores(predict_proba(model, x_val, device=device), y_val.numpy())
-        row = dict(epoch=epoch, train_loss=total_loss / seen, train_acc=correct / seen, **val_scores,
-                   lr=opt.param_groups[0]["lr"], seconds=time.perf_counter() - t0, img_per_s=seen / train_seconds)
+        val = val_scores(predict_proba(model, x_val, device=device, size=r["image_size"]), y_val.numpy())
+        prev = state["history"][-1]["train_seconds_cum"] if state["history"] else 0.0
+        row = dict(epoch=epoch, image_size=size, train_loss=float(total_loss) / seen, train_acc=int(correct) / seen,
+                   **val, lr=opt.param_groups[0]["lr"], seconds=time.perf_counter() - t0,
+                   train_seconds_cum=prev + train_seconds, img_per_s=seen / train_seconds)
         state["history"].append(row)
         score = sign * row[r["select_metric"]]
         if score > state["best_score"] or state["best_state"] is None:
@@ -254,28 +256,15 @@ def fit(model, train: tuple, val: tuple, recipe: dict, ckpt_dir: str | os.PathLi
             ckpt.parent.mkdir(parents=True, exist_ok=True)
             _save(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                        scaler=scaler.state_dict(), rng=rng_state(generator), state=state, recipe=r), ckpt)
-        epoch_bar.update(1)
-        epoch_bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{row[r['select_metric']]:.3f}",
-                              img_s=f"{row['img_per_s']:.0f}")
+        log.epoch(row)
         if stop_after_epochs is not None and epoch >= stop_after_epochs and not state["done"]:
             break
-    epoch_bar.close()
+    log.close()
     model.load_state_dict(state["best_state"])
     history = pd.DataFrame(state["history"])
     info = dict(best_epoch=state["best_epoch"], epochs_run=state["epoch"], finished=state["done"],
-                train_seconds=float(history.seconds.sum()) if len(history) else 0.0,
+                train_seconds=float(history.train_seconds_cum.iloc[-1]) if len(history) else 0.0,
                 img_per_s=float(history.img_per_s.median()) if len(history) else 0.0,
                 trainable_params=count_parameters(model), total_params=count_parameters(model, False),
                 device=str(device), select_metric=r["select_metric"])
     return model, history, info
-
-
-def subsample(df: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
-    """At most ``n`` training rows, drawn by lesion and stratified by class (quick profiles): leakage-free."""
-    if n is None or len(df) <= n:
-        return df
-    frac = n / len(df)
-    lesions = df.drop_duplicates("lesion_id")
-    keep = lesions.groupby("dx", group_keys=False).apply(
-        lambda g: g.sample(max(1, round(len(g) * frac)), random_state=seed))
-    return df[df.lesion_id.isin(keep.lesion_id)]

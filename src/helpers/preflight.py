@@ -1,0 +1,606 @@
+"""Before anything runs: which profile, whether it can start, how long it will take, and where its reports go.
+
+``run_all.sh`` calls this module once before the first notebook (``python -m helpers.preflight start ...``): it
+chooses the profile (the one given, else ``$HAM_PROFILE``, else ``default_profile()``), checks in seconds what
+would otherwise fail minutes later inside a notebook (the profile and its recipes load, the data folder resolves
+and its metadata is sound, ImageNet weights are there when the profile asks for them, the output folder is one
+``run_all.sh`` may replace), times a few training steps of each model to estimate the run's duration, and creates
+the staging folder the notebooks write into. A failure prints its message alone, its last line naming the folder
+and the remedy, and nothing is written.
+
+After the notebooks: ``failed`` names the notebook, cell and exception of a failed run (from papermill's output
+notebook); ``publish`` replaces the reports with the staged ones, keeping what ``run_all.sh`` does not make.
+
+The notebooks use ``default_profile`` (through ``config.load_profile(None)``) and ``model_recipes`` (which
+recipes a model notebook trains) too. Nothing here imports ``helpers.config`` at module level.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import socket
+import sys
+import time
+from pathlib import Path
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+KNOWN_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+COMMITTED_PROFILE = "cpu"  # its reports are the checkout's reports/ and README's results block
+MARKER = ".made-by-run_all"
+MARKER_TEXT = ("This folder was made by run_all.sh, which may replace its contents (except _partial/, benchmark* "
+               "and dot-files)\non the next successful run. It refuses to replace a non-empty folder without this "
+               "file.\n")
+KEEP_PARTIALS = 5  # failed runs' staging folders kept under <reports>/_partial/
+TOUR = "./run_all.sh quick is a 10-minute tour"
+EXAMPLE_DATA = "../shared/data/ham10000-200x150"
+
+
+class PreflightError(Exception):
+    """A run that cannot start. ``what``: what is wrong (may span lines); ``fix``: one line naming the folder or
+    file and the remedy, printed last."""
+
+    def __init__(self, what: str, fix: str):
+        super().__init__(what)
+        self.what, self.fix = what, fix
+
+
+# ------------------------------------------------------------------------------------------------ choices
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def default_profile(cuda: bool | None = None) -> tuple[str, str]:
+    """The profile to run when none is given, and why: ``full`` when CUDA is visible, else ``cpu`` (``quick``
+    in a checkout without a ``cpu`` profile). ``$HAM_PROFILE`` is the caller's to honour before this."""
+    cuda = cuda_visible() if cuda is None else cuda
+    if cuda:
+        import torch
+
+        return "full", f"CUDA visible: {torch.cuda.get_device_name(0)}"
+    if COMMITTED_PROFILE in profile_names():
+        return COMMITTED_PROFILE, "no CUDA visible"
+    return "quick", "no CUDA visible, and this checkout has no cpu profile"
+
+
+def choose_profile(given: str | None = None) -> tuple[str, str]:
+    """(profile, why): the one given, else ``$HAM_PROFILE``, else ``default_profile()``."""
+    if given:
+        return given, "given on the command line"
+    if os.environ.get("HAM_PROFILE"):
+        return os.environ["HAM_PROFILE"], "from $HAM_PROFILE"
+    return default_profile()
+
+
+def known_archs() -> tuple[str, ...]:
+    try:
+        from .model import ARCHS
+
+        return tuple(sorted(ARCHS, key=lambda a: int(re.sub(r"\D", "", a) or 0)))
+    except ImportError:  # pragma: no cover - model.py always defines ARCHS
+        return KNOWN_ARCHS
+
+
+def model_recipes(cfg: dict, arch: str, recipes=None) -> list[str]:
+    """The recipes a model notebook trains for ``arch``: ``recipes`` as given (a name or a list), else the profile's
+    list for ``arch`` (an empty list: the profile trains no such model), else (an architecture the profile does
+    not list) every recipe of the profile. An unknown architecture or recipe name is refused with a ValueError
+    naming the choices."""
+    archs = known_archs()
+    if arch not in archs:
+        raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(archs)}.")
+    known = list(cfg.get("recipes") or {})
+    if recipes is None:
+        models = cfg.get("models") or {}
+        if arch in models:  # the profile's list, maybe empty: this profile trains no such model
+            return list(models[arch] or [])
+        recipes = known  # an architecture the profile does not list: every recipe of the profile
+    elif isinstance(recipes, str):
+        recipes = [recipes]
+    recipes = list(recipes)
+    if not recipes:
+        raise ValueError(f"no recipes to train for {arch}: name one or more of {', '.join(known)}.")
+    unknown = [r for r in recipes if r not in known]
+    if unknown:
+        raise ValueError(f"unknown recipe{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for "
+                         f"profile {cfg.get('name', '?')!r}: choose from {', '.join(known)}.")
+    return recipes
+
+
+def papermill_params(args) -> dict:
+    """The ``-p name value`` / ``-r name value`` pairs of papermill options (values as given, -p ones parsed as
+    YAML scalars as papermill does)."""
+    import yaml
+
+    out, args = {}, list(args)
+    for i, a in enumerate(args[:-2]):
+        if a in ("-p", "--parameters", "-r", "--parameters_raw"):
+            name, value = args[i + 1], args[i + 2]
+            if a in ("-p", "--parameters"):
+                try:
+                    value = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    pass
+            out[name] = value
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- checks
+def project_root() -> Path:
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "pyproject.toml").exists() and (parent / "notebooks").is_dir():
+            return parent
+    return Path.cwd()
+
+
+def _from_notebooks(path) -> Path:
+    """A path given as a notebook parameter: notebooks run in notebooks/, so a relative one is taken from there."""
+    p = Path(str(path)).expanduser()
+    return p if p.is_absolute() else (project_root() / "notebooks" / p).resolve()
+
+
+def _recipe(cfg: dict, arch: str, name: str) -> dict:
+    from . import config
+
+    return config.recipe(cfg, arch, name)
+
+
+def _seeds(cfg: dict, arch: str, name: str) -> list:
+    from . import config
+
+    if hasattr(config, "recipe_seeds"):
+        return list(config.recipe_seeds(cfg, arch, name))
+    return list(cfg.get("seeds") or [0])
+
+
+def check_profile(profile: str, params: dict) -> tuple[dict, list[tuple[str, str, dict]]]:
+    """The profile and every run it will train, resolved as the notebooks will: (cfg, [(arch, recipe, settings)])."""
+    from . import config
+
+    try:
+        cfg = config.load_profile(profile, weights=params.get("weights"))
+    except FileNotFoundError:
+        raise PreflightError(f"profile {profile!r} not found.",
+                             f"{PROFILE_DIR}: no {profile}.yaml; choose one of: {', '.join(profile_names())}.") from None
+    except Exception as e:
+        raise PreflightError(f"profile {profile!r} does not load: {type(e).__name__}: {e}",
+                             f"{PROFILE_DIR / (profile + '.yaml')}: fix the setting named above.") from None
+    runs = []
+    for arch in cfg.get("models") or {}:
+        try:
+            for name in model_recipes(cfg, arch):
+                runs.append((arch, name, _recipe(cfg, arch, name)))
+        except Exception as e:
+            raise PreflightError(f"profile {profile!r}, model {arch}: {type(e).__name__}: {e}",
+                                 f"{cfg['profile_file']}: fix the recipe named above.") from None
+    for arch, name, r in runs:
+        if r.get("freeze_backbone") and cfg.get("weights") is None:
+            raise PreflightError(
+                f"{arch}/{name} freezes the backbone, but the weights are random (weights: none): it would train a "
+                f"head on noise.", f"{cfg['profile_file']}: set {arch}/{name}: {{freeze_backbone: false}} under "
+                f"recipe_overrides, or run with ImageNet weights (-p weights imagenet).")
+    return cfg, runs
+
+
+def check_data(cfg: dict, params: dict):
+    """The data folder resolves and its metadata loads (the table, every image file present): the metadata table."""
+    from . import data as D
+
+    given = params.get("data_dir")
+    source = "-p data_dir" if given else ("$HAM10000_DIR" if os.environ.get("HAM10000_DIR") else None)
+    folder = _from_notebooks(given) if given else (Path(os.environ["HAM10000_DIR"]).expanduser()
+                                                    if os.environ.get("HAM10000_DIR") else None)
+    remedy = (f"set HAM10000_DIR (or -p data_dir) to a folder holding {D.METADATA_FILE} and the "
+              f"HAM10000_images_part_* folders, e.g. HAM10000_DIR={EXAMPLE_DATA} ./run_all.sh ...")
+    if folder is not None and not folder.is_dir():
+        raise PreflightError(f"data folder {folder} (from {source}) does not exist.",
+                             f"{folder} does not exist: {remedy}")
+    try:
+        root = D.find_dataset(folder)
+    except FileNotFoundError as e:  # kagglehub: not cached and no download
+        try:
+            import kagglehub.config
+
+            cache = kagglehub.config.get_cache_folder()
+        except Exception:  # pragma: no cover
+            cache = os.environ.get("KAGGLEHUB_CACHE", "the kagglehub cache")
+        raise PreflightError(str(e), f"no HAM10000 in {cache} and no HAM10000_DIR: {remedy}; or run once with "
+                                     f"internet access so kagglehub fills {cache}.") from None
+    try:
+        return D.load_metadata(root, cfg.get("task", "dx"))
+    except D.DataError as e:
+        raise PreflightError(str(e), f"{root}: the data named above cannot be used as it is; fix it, or {remedy}") \
+            from None
+
+
+def imagenet_file(arch: str) -> tuple[Path, str]:
+    """Where torchvision keeps ``arch``'s ImageNet weights ($TORCH_HOME/hub/checkpoints/...) and their URL."""
+    import torch
+    import torchvision
+
+    url = torchvision.models.get_model_weights(arch).DEFAULT.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name, url
+
+
+def _can_reach(url: str, timeout: float = 3.0) -> bool:
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    try:
+        with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_weights(cfg: dict, runs) -> str | None:
+    """ImageNet weights present (or downloadable) for every model when the profile asks for them; a weights file
+    present. Returns a note for the user (e.g. "will download ..."), or None."""
+    w = cfg.get("weights")
+    if w is None:
+        return None
+    if w != "imagenet":
+        path = _from_notebooks(w)
+        if not path.is_file():
+            raise PreflightError(f"weights file {path} not found (profile {cfg['name']!r} / -p weights).",
+                                 f"{path} does not exist: give an existing state_dict file, -p weights imagenet, or "
+                                 f"-p weights none (random init).")
+        return None
+    missing = {}
+    for arch in dict.fromkeys(a for a, _, _ in runs):
+        path, url = imagenet_file(arch)
+        if not path.is_file():
+            missing[arch] = (path, url)
+    if not missing:
+        return None
+    first_url = next(iter(missing.values()))[1]
+    if _can_reach(first_url):
+        return f"ImageNet weights for {', '.join(missing)} will be downloaded to {next(iter(missing.values()))[0].parent}"
+    folder = next(iter(missing.values()))[0].parent
+    lines = "\n".join(f"  {arch}: {url} -> {path}" for arch, (path, url) in missing.items())
+    raise PreflightError(
+        f"profile {cfg['name']!r} asks for ImageNet weights; these are not cached and {Path(first_url).parent} "
+        f"cannot be reached:\n{lines}",
+        f"{folder}: copy the files listed above there (TORCH_HOME picks another cache folder), or run offline with "
+        f"random init: -p weights none (or the cpu / quick profile).")
+
+
+def check_gpu(profile: str, cfg: dict) -> None:
+    if profile == "full" and not os.environ.get("ALLOW_CPU") and not cuda_visible():
+        raise PreflightError("the full profile is sized for a GPU and none is visible here (it would take days on "
+                             "a CPU).", f"no CUDA device: run ./run_all.sh cpu (or quick, {TOUR.split(' is ')[1]}), "
+                                        f"or set ALLOW_CPU=1 to run full anyway.")
+
+
+# --------------------------------------------------------------------------------------------- the estimate
+def _device():
+    import torch
+
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def measure_step(arch: str, size: int, batch: int, freeze: bool = False, steps: int = 3, device=None) -> float:
+    """Seconds per training step of ``arch`` (random init, 7 classes) at ``size`` x ``size``, batch ``batch``:
+    forward, cross-entropy, backward, AdamW; channels_last as the training loop runs. One untimed warm-up step,
+    then the fastest of ``steps`` timed ones (the least disturbed by other work; a step over 5 s is timed once)."""
+    import torch
+    import torch.nn.functional as F
+
+    from .model import resnet
+
+    device = device or _device()
+    model = resnet(arch, num_classes=7).to(device).to(memory_format=torch.channels_last)
+    if freeze:
+        for n, p in model.named_parameters():
+            p.requires_grad_(n.startswith("fc."))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 7, (batch,), device=device)
+    amp = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with amp:
+            loss = F.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    step()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+        if times[-1] > 5:
+            break
+    return min(times)
+
+
+def _timing_cache() -> Path:
+    root = Path(os.environ.get("HAM_CACHE_DIR") or project_root() / "data" / "cache")
+    return root / "preflight_steps.json"
+
+
+def _machine() -> str:
+    import torch
+
+    return f"{socket.gethostname()};{os.cpu_count()};torch {torch.__version__};{_device()}"
+
+
+TIMING_MAX_AGE = 7 * 86400  # re-measure a week later (or delete data/cache/preflight_steps.json)
+
+
+def step_seconds(arch: str, size: int, batch: int, freeze: bool, measure=measure_step) -> tuple[float, bool]:
+    """(seconds per step, measured now?) from this machine's timing cache (under a week old), else measured and
+    cached."""
+    cache = _timing_cache()
+    try:
+        known = json.loads(cache.read_text())
+    except (OSError, ValueError):
+        known = {}
+    key = f"{_machine()};{arch};{size};{batch};{'frozen' if freeze else 'full'}"
+    entry = known.get(key)
+    if isinstance(entry, dict) and time.time() - entry.get("time", 0) < TIMING_MAX_AGE:
+        return entry["seconds"], False
+    s = measure(arch, size, batch, freeze)
+    known[key] = {"seconds": s, "time": time.time()}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return s, True
+
+
+# Costs outside the training steps, from the quick profile's timings on a 2-core CPU: notebook start-up and ETL,
+# the comparison, and per run its evaluation, figures and Grad-CAM.
+FIXED_SECONDS = 150
+PER_RUN_SECONDS = 30
+AUGMENT_FACTOR = 1.15  # the recipe's augmentation and normalisation on the training batches
+
+
+def estimate_seconds(cfg: dict, runs, n_images: int | None = None, step=None) -> float:
+    """Wall seconds for the profile: each run's epochs x steps at its resolution(s) (``resolution_schedule`` or
+    the image size) and batch size, timed on this machine (``step(arch, size, batch, freeze) -> (s, measured)``),
+    its validation each epoch and final evaluation (8 views when ``tta``), per training seed, plus fixed costs.
+    ``n_images``: the dataset's size (HAM10000: 10,015, so 7,000 training images)."""
+    step = step or step_seconds
+    fractions = cfg.get("split_fractions") or (0.70, 0.15, 0.15)
+    n_images = n_images or 10015
+    n_split = round(n_images * fractions[0])
+    n_eval = n_images - n_split
+    total = FIXED_SECONDS
+    for arch, name, r in runs:
+        cap = r.get("max_train_images") or cfg.get("max_train_images")
+        n_train = min(n_split, int(cap)) if cap else n_split
+        batch = int(r.get("batch_size") or 32)
+        size = int(r.get("image_size") or cfg.get("image_size") or 224)
+        schedule = r.get("resolution_schedule") or [[size, int(r.get("epochs") or 1)]]
+        freeze = bool(r.get("freeze_backbone"))
+        seconds = 0.0
+        for stage_size, epochs in schedule:
+            s, _ = step(arch, int(stage_size), batch, freeze)
+            seconds += int(epochs) * math.ceil(n_train / batch) * s * AUGMENT_FACTOR
+        s_eval, _ = step(arch, size, batch, freeze)
+        per_image_forward = s_eval / batch / (1 if freeze else 3)  # forward ~ a third of a training step
+        n_epochs = sum(int(e) for _, e in schedule)
+        seconds += n_epochs * n_eval / 2 * per_image_forward  # validation after every epoch
+        seconds += n_eval * per_image_forward * (8 if r.get("tta") else 1) + PER_RUN_SECONDS
+        total += seconds * len(_seeds(cfg, arch, name))
+    return total
+
+
+def fmt_minutes(seconds: float) -> str:
+    m = seconds / 60
+    if m < 2:
+        return f"{seconds:.0f} s"
+    if m < 90:
+        return f"{m:.0f} min"
+    return f"{m / 60:.1f} h"
+
+
+# ----------------------------------------------------------------------------------------- output folders
+def reports_target(profile: str) -> Path:
+    """Where this run's reports go: $HAM_REPORTS_DIR, else reports/ (reports/smoke/ for the smoke profile)."""
+    root = project_root()
+    if os.environ.get("HAM_REPORTS_DIR"):
+        return Path(os.environ["HAM_REPORTS_DIR"]).expanduser().resolve()
+    return root / "reports" / "smoke" if profile == "smoke" else root / "reports"
+
+
+def _own_defaults() -> set[Path]:
+    """Folders run_all.sh itself defaults to: they may be marked without asking."""
+    root = project_root().resolve()
+    return {root / "reports", root / "reports" / "smoke"}
+
+
+def _kept(name: str, target: Path) -> bool:
+    """Entries of a reports folder that a run never replaces."""
+    if name.startswith(".") or name == "_partial" or name.startswith("benchmark"):
+        return True
+    return name == "smoke" and target.resolve() == project_root().resolve() / "reports"
+
+
+def check_target(target: Path) -> bool:
+    """May run_all.sh replace ``target``'s reports? Yes when it does not exist, is empty (bar kept entries), holds
+    run_all.sh's marker, or is the checkout's own reports/ (marked now). Returns whether the marker is (to be)
+    written; raises PreflightError otherwise."""
+    target = Path(target)
+    if not target.exists():
+        return True
+    if not target.is_dir():
+        raise PreflightError(f"the reports path {target} is a file, not a folder.",
+                             f"{target} is a file: point HAM_REPORTS_DIR at a new or empty folder.")
+    if (target / MARKER).exists():
+        return True
+    own = [p for p in target.iterdir() if not _kept(p.name, target)]
+    if not own or target.resolve() in _own_defaults():
+        return True
+    raise PreflightError(
+        f"{target} holds {len(own)} entries (e.g. {', '.join(sorted(p.name for p in own)[:3])}) and was not made by "
+        f"run_all.sh (no {MARKER} file): a successful run would replace them.",
+        f"{target} is not a run_all.sh folder: point HAM_REPORTS_DIR at a new or empty folder (or, if it holds "
+        f"earlier run_all.sh reports, create {target / MARKER}).")
+
+
+def mark(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / MARKER).exists():
+        (folder / MARKER).write_text(MARKER_TEXT)
+
+
+def make_stage(target: Path, profile: str) -> Path:
+    """A new staging folder ``<target>/_partial/<profile>-<time>/`` (marked), pruning old failed runs' ones."""
+    mark(target)
+    partial = target / "_partial"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stage = partial / f"{profile}-{stamp}"
+    n = 1
+    while stage.exists():
+        n += 1
+        stage = partial / f"{profile}-{stamp}-{n}"
+    mark(stage)
+    old = sorted((p for p in partial.iterdir() if p != stage and (p / MARKER).exists()),
+                 key=lambda p: p.stat().st_mtime)
+    for p in old[:-KEEP_PARTIALS] if len(old) > KEEP_PARTIALS else []:
+        shutil.rmtree(p, ignore_errors=True)
+    return stage
+
+
+def publish(stage: Path, target: Path) -> None:
+    """Replace ``target``'s reports with ``stage``'s (both made by run_all.sh): the previous entries move aside,
+    the new ones move in (renames on one file system), then the previous ones are deleted. ``_partial/``,
+    ``benchmark*``, dot-files (and ``smoke/`` in the checkout's reports) stay."""
+    stage, target = Path(stage), Path(target)
+    for folder in (stage, target):
+        if not (folder / MARKER).exists():
+            raise PreflightError(f"{folder} lost its {MARKER} marker during the run; nothing was replaced.",
+                                 f"{folder}: the new reports are in {stage}; move them by hand.")
+    previous = stage.parent / f"{stage.name}-previous"
+    previous.mkdir()
+    (previous / MARKER).write_text(MARKER_TEXT)
+    for p in list(target.iterdir()):
+        if not _kept(p.name, target):
+            os.replace(p, previous / p.name)
+    for p in list(stage.iterdir()):
+        if p.name != MARKER:
+            os.replace(p, target / p.name)
+    shutil.rmtree(previous)
+    shutil.rmtree(stage)
+
+
+# ----------------------------------------------------------------------------------------- failed notebooks
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+def notebook_failure(ipynb: str | Path, name: str | None = None) -> list[str]:
+    """Lines naming where papermill's output notebook failed: the notebook, the cell (its number in the source
+    notebook, from 1, and first line) and the exception's type and message. [] when no cell raised."""
+    import nbformat
+
+    ipynb = Path(ipynb)
+    name = name or f"notebooks/{ipynb.name}"
+    try:
+        nb = nbformat.read(ipynb, as_version=4)
+    except Exception:
+        return []
+    number = 0
+    for cell in nb.cells:
+        tags = set(cell.get("metadata", {}).get("tags", []))
+        if tags & {"injected-parameters", "papermill-error-cell-tag"}:
+            continue
+        number += 1
+        for out in cell.get("outputs", []):
+            if out.get("output_type") == "error":
+                first = next((ln.strip() for ln in cell.source.splitlines() if ln.strip()), "")
+                first = first if len(first) <= 70 else first[:67] + "..."
+                message = _ANSI.sub("", str(out.get("evalue", ""))).strip().splitlines() or [""]
+                lines = [f"[run_all] FAILED in {name}, cell {number} ({first}): {out.get('ename', 'Error')}: "
+                         f"{message[0]}"]
+                lines += [f"[run_all]   {ln}" for ln in message[1:12]]
+                return lines
+    return []
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+def start(env_file: Path, given: str | None, pm_args) -> int:
+    """run_all.sh's first step: choose, check, estimate, stage. Writes shell assignments to ``env_file``."""
+    profile, why = choose_profile(given)
+    params = papermill_params(pm_args)
+    try:
+        cfg, runs = check_profile(profile, params)
+        check_gpu(profile, cfg)
+        target = reports_target(profile)
+        check_target(target)
+        df = check_data(cfg, params)
+        note = check_weights(cfg, runs)
+    except PreflightError as e:
+        print(f"[run_all] profile {profile} ({why}): stopped before any notebook ran; nothing was written.")
+        for line in e.what.splitlines():
+            print(f"[run_all] {line}")
+        print(f"[run_all] {e.fix}")
+        return 2
+    first = f"[run_all] profile {profile} ({why})"
+    if os.environ.get("HAM_PREFLIGHT_TIMING", "1") != "0" and runs:
+        if sys.stdout.isatty():
+            print(f"{first}: timing a few training steps ...", end="\r", flush=True)
+        seconds = estimate_seconds(cfg, runs, len(df))
+        first += f", about {fmt_minutes(seconds)} on this machine (measured)"
+    if profile not in ("quick", "smoke"):
+        first += f"; {TOUR}"
+    print(first.ljust(100) if sys.stdout.isatty() else first, flush=True)
+    if note:
+        print(f"[run_all] {note}")
+    stage = make_stage(target, profile)
+    committed = profile == COMMITTED_PROFILE and target.resolve() == project_root().resolve() / "reports"
+    env = dict(PROFILE=profile, OUT=str(target), STAGE=str(stage), UPDATE_README="1" if committed else "0")
+    Path(env_file).write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    usage = ("usage: python -m helpers.preflight start ENV_FILE [PROFILE] [-- papermill options] | "
+             "failed OUTPUT_NOTEBOOK [NAME] | publish STAGE TARGET | default")
+    if not argv:
+        print(usage)
+        return 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "start" and rest:
+        pm = rest[rest.index("--") + 1:] if "--" in rest else []
+        head = rest[: rest.index("--")] if "--" in rest else rest
+        return start(Path(head[0]), head[1] if len(head) > 1 and head[1] else None, pm)
+    if cmd == "failed" and rest:
+        lines = notebook_failure(rest[0], rest[1] if len(rest) > 1 else None)
+        print("\n".join(lines))
+        return 0 if lines else 1
+    if cmd == "publish" and len(rest) == 2:
+        try:
+            publish(Path(rest[0]), Path(rest[1]))
+        except PreflightError as e:
+            print(f"[run_all] {e.what}\n[run_all] {e.fix}")
+            return 1
+        return 0
+    if cmd == "default":
+        print(*choose_profile(None), sep="\t")
+        return 0
+    print(usage)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
