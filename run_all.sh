@@ -8,6 +8,7 @@
 #   ./run_all.sh full -p weights none -p data_dir /path/to/ham10000
 #   ./run_all.sh --lab              # open the notebooks in JupyterLab with this project's environment and kernel
 #   FRESH=1 ./run_all.sh quick      # retrain from scratch: drop this profile's checkpoints first
+#   PRUNE=1 ./run_all.sh cpu        # and delete checkpoint folders that newer runs superseded (else listed)
 #   HAM_PROFILE=quick ./run_all.sh  # the profile from the environment (a profile given as argument wins)
 #
 # Before any notebook starts, src/helpers/preflight.py checks in seconds what would fail later (the profile, the
@@ -85,3 +86,7 @@ rm -f "$STAGE"/notebooks/*.ipynb "$STAGE"/notebooks/*.log   # the HTML rendering
 "$PY" -m helpers.preflight publish "$STAGE" "$OUT"
 echo "[run_all] done: $OUT/index.html"
 column -s, -t < "$OUT/timings.csv"
+# Checkpoint folders that a newer run of the same name replaced (a changed recipe or training code): listed, or
+# deleted with PRUNE=1. The current runs' folders are never touched.
+"$PY" -m helpers.experiment prune "$PROFILE" ${PRUNE:+--delete} | sed 's/^/[run_all] /'
+

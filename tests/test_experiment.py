@@ -79,3 +79,24 @@ def test_changed_training_code_retrains_and_says_why(tmp_path, monkeypatch, caps
     assert note and "source augment.py" in note
     parts_torch = {**parts, "torch": "0.0"}
     assert E.run_key(parts_torch) != E.run_key(parts)
+
+
+def test_superseded_lists_older_folders_of_a_run_and_keeps_the_one_in_use(tmp_path):
+    import os
+
+    from helpers.experiment import main, superseded
+
+    models = tmp_path / "cpu"
+    for i, name in enumerate(["resnet34_tuned_s0-aaa", "resnet34_tuned_s0-bbb", "resnet50_tuned_s0-ccc"]):
+        (models / name).mkdir(parents=True)
+        (models / name / "model.pt").write_bytes(b"x" * 10)
+        os.utime(models / name, (1000 + i, 1000 + i))
+    assert superseded(models) == [models / "resnet34_tuned_s0-aaa"]
+    os.utime(models / "resnet34_tuned_s0-aaa", (2000, 2000))  # the older key is in use again (code reverted)
+    assert superseded(models) == [models / "resnet34_tuned_s0-bbb"]
+    os.environ["HAM_MODELS_DIR"] = str(tmp_path)
+    try:
+        assert main(["prune", "cpu", "--delete"]) == 0
+    finally:
+        del os.environ["HAM_MODELS_DIR"]
+    assert sorted(p.name for p in models.iterdir()) == ["resnet34_tuned_s0-aaa", "resnet50_tuned_s0-ccc"]

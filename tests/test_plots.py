@@ -197,3 +197,12 @@ def test_time_to_accuracy_puts_every_run_on_cumulative_training_time():
     assert a.get_color() == b.get_color() != c.get_color() and a.get_linestyle() != b.get_linestyle()
     with pytest.raises(ValueError):
         plots.time_to_accuracy({}, "empty")
+
+
+def test_history_curves_shade_the_low_resolution_epochs():
+    h = make_history().assign(image_size=lambda d: [32 if e <= 2 else 48 for e in d.epoch])
+    fig = plots.history_curves(h, "schedule", best_epoch=3)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert "trained at 32 px" in labels and "trained at 48 px" not in labels
+    plain = plots.history_curves(make_history(), "no schedule")
+    assert not any("trained at" in t.get_text() for t in plain.axes[0].get_legend().get_texts())

@@ -183,7 +183,8 @@ def why_retrain(models: Path, run: str, parts: dict) -> str | None:
 
 
 def superseded(models: Path) -> list[Path]:
-    """Checkpoint folders of a profile (``models/<profile>``) that a newer folder of the same run replaced."""
+    """Checkpoint folders of a profile (``models/<profile>``) that a more recently used folder of the same run
+    replaced (``train_or_load`` marks a folder used by touching it)."""
     newest, old = {}, []
     for folder in sorted((p for p in models.glob("*-*") if p.is_dir()), key=lambda p: p.stat().st_mtime):
         run = folder.name.rsplit("-", 1)[0]
@@ -201,6 +202,7 @@ def train_or_load(cfg: dict, r: dict, data: dict, progress: bool = True):
     ckpt_dir = models / f"{run}-{run_key(parts)}"
     final = ckpt_dir / "model.pt"
     if final.exists():  # finished: the best weights are kept once, in model.pt
+        os.utime(ckpt_dir)  # "last used": superseded() keeps the folder a profile uses now
         model, meta = load_trained(final)
         return model, pd.DataFrame(meta["history"]), meta["info"], ckpt_dir
     note = why_retrain(models, run, parts)
@@ -364,3 +366,31 @@ def trainable_summary(cfg: dict, arch: str, recipe_name: str, num_classes: int) 
 
 __all__ = ["prepare_data", "load_data", "run_recipe", "run_model", "check_runs", "load_trained", "provenance",
            "provenance_line", "trainable_summary", "predictions_frame", "subsample", "superseded"]
+
+
+def main(argv=None) -> int:
+    """``python -m helpers.experiment prune PROFILE [--delete]``: list (or delete) superseded checkpoint folders."""
+    import argparse
+    import shutil
+
+    p = argparse.ArgumentParser(prog="python -m helpers.experiment")
+    sub = p.add_subparsers(dest="command", required=True)
+    prune = sub.add_parser("prune", help="checkpoint folders of a profile that a newer run of the same name replaced")
+    prune.add_argument("profile")
+    prune.add_argument("--delete", action="store_true", help="delete them (default: only list them)")
+    args = p.parse_args(argv)
+    folder = output_dirs()["models"] / args.profile
+    old = superseded(folder) if folder.is_dir() else []
+    size = sum(f.stat().st_size for d in old for f in d.rglob("*") if f.is_file())
+    for d in old:
+        print(f"{'deleting' if args.delete else 'superseded'}: {d}")
+        if args.delete:
+            shutil.rmtree(d)
+    if old:
+        print(f"{len(old)} superseded checkpoint folder(s), {size / 2**20:.0f} MiB"
+              + ("" if args.delete else f"; delete with: python -m helpers.experiment prune {args.profile} --delete"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -35,7 +35,8 @@ def _hwc(images) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------------------------ training
 def history_curves(history: pd.DataFrame, title: str, best_epoch: int | None = None) -> Figure:
-    """Loss (train vs val) and accuracy (train, val, val balanced) per epoch; a dotted line at ``best_epoch``."""
+    """Loss (train vs val) and accuracy (train, val, val balanced) per epoch; a dotted line at ``best_epoch``; shaded
+    spans for epochs trained below the final resolution (a resolution schedule)."""
     fig, ((loss_ax, acc_ax),) = _figure(1, 2, size=(11, 4))
     loss_ax.plot(history.epoch, history.train_loss, "o-", label="train")
     loss_ax.plot(history.epoch, history.val_loss, "o-", label="validation")
@@ -44,7 +45,13 @@ def history_curves(history: pd.DataFrame, title: str, best_epoch: int | None = N
     acc_ax.plot(history.epoch, history.val_acc, "o-", label="validation accuracy")
     acc_ax.plot(history.epoch, history.val_bal_acc, "s--", label="validation balanced accuracy")
     acc_ax.set(title="Accuracy", xlabel="epoch", ylabel="accuracy")
+    sizes = history["image_size"] if "image_size" in history else None
     for ax in (loss_ax, acc_ax):
+        if sizes is not None and sizes.nunique() > 1:  # a resolution schedule: shade the low-resolution epochs
+            for size in sorted(sizes.unique())[:-1]:
+                epochs = history.epoch[sizes == size]
+                ax.axvspan(epochs.min() - 0.5, epochs.max() + 0.5, color="grey", alpha=0.12 + 0.08 * (size == sizes.min()),
+                           lw=0, label=f"trained at {size} px")
         if best_epoch is not None:
             ax.axvline(best_epoch, color="grey", ls=":", label=f"selected epoch ({best_epoch})")
         ax.legend(fontsize="small")

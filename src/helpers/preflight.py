@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from .config import project_root
+
 PROFILE_DIR = Path(__file__).parent / "profiles"
 KNOWN_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 COMMITTED_PROFILE = "cpu"  # its reports are the checkout's reports/ and README's results block
@@ -135,14 +137,6 @@ def papermill_params(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------- checks
-def project_root() -> Path:
-    here = Path(__file__).resolve()
-    for parent in here.parents:
-        if (parent / "pyproject.toml").exists() and (parent / "notebooks").is_dir():
-            return parent
-    return Path.cwd()
-
-
 def _from_notebooks(path) -> Path:
     """A path given as a notebook parameter: notebooks run in notebooks/, so a relative one is taken from there."""
     p = Path(str(path)).expanduser()
@@ -415,24 +409,25 @@ def fmt_minutes(seconds: float) -> str:
 
 # ----------------------------------------------------------------------------------------- output folders
 def reports_target(profile: str) -> Path:
-    """Where this run's reports go: $HAM_REPORTS_DIR, else reports/ (reports/smoke/ for the smoke profile)."""
+    """Where this run's reports go: $HAM_REPORTS_DIR, else the checkout's reports/ for the committed profile and
+    reports/<profile>/ (ignored by git) for the others, so a quick tour never replaces the committed study."""
     root = project_root()
     if os.environ.get("HAM_REPORTS_DIR"):
         return Path(os.environ["HAM_REPORTS_DIR"]).expanduser().resolve()
-    return root / "reports" / "smoke" if profile == "smoke" else root / "reports"
+    return root / "reports" if profile == COMMITTED_PROFILE else root / "reports" / profile
 
 
 def _own_defaults() -> set[Path]:
     """Folders run_all.sh itself defaults to: they may be marked without asking."""
     root = project_root().resolve()
-    return {root / "reports", root / "reports" / "smoke"}
+    return {root / "reports"} | {root / "reports" / p for p in profile_names()}
 
 
 def _kept(name: str, target: Path) -> bool:
-    """Entries of a reports folder that a run never replaces."""
+    """Entries of a reports folder that a run never replaces (other profiles' folders in the checkout's reports)."""
     if name.startswith(".") or name == "_partial" or name.startswith("benchmark"):
         return True
-    return name == "smoke" and target.resolve() == project_root().resolve() / "reports"
+    return name in profile_names() and target.resolve() == project_root().resolve() / "reports"
 
 
 def check_target(target: Path) -> bool:
