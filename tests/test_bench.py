@@ -249,9 +249,11 @@ def test_cudnn_benchmark_on_for_cuda_only(monkeypatch):
 
 def test_default_profile_and_model_list(monkeypatch):
     assert bench.default_profile(cuda=True)[0] == "full"
-    monkeypatch.setattr(bench, "profile_names", lambda: ["cpu", "full", "quick", "smoke"])
+    import helpers.preflight as PF  # bench uses preflight's choice, the one run_all.sh and the notebooks make
+
+    monkeypatch.setattr(PF, "profile_names", lambda: ["cpu", "full", "quick", "smoke"])
     assert bench.default_profile(cuda=False)[0] == "cpu"
-    monkeypatch.setattr(bench, "profile_names", lambda: ["full", "quick", "smoke"])
+    monkeypatch.setattr(PF, "profile_names", lambda: ["full", "quick", "smoke"])
     assert bench.default_profile(cuda=False)[0] == "quick"
     cfg = {"name": "x", "models": {"resnet34": ["reference", "tuned"], "resnet50": ["tuned"]},
            "recipes": {"reference": {}, "tuned": {}}}

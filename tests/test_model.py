@@ -81,7 +81,7 @@ def test_unknown_arch_and_head_are_refused():
     with pytest.raises(ValueError, match="unknown architecture"):
         Mo.resnet("resnet42")
     with pytest.raises(ValueError, match="head"):
-        Mo.build_model("resnet18", 7, head="mlp")
+        Mo.build_model("resnet18", 7, head="transformer")
 
 
 def test_save_and_load_trained_round_trip(tmp_path):

@@ -68,7 +68,11 @@ def default_profile(cuda: bool | None = None) -> tuple[str, str]:
     if cuda:
         import torch
 
-        return "full", f"CUDA visible: {torch.cuda.get_device_name(0)}"
+        try:
+            name = torch.cuda.get_device_name(0)
+        except RuntimeError:  # asked with cuda=True where no driver answers (tests, odd set-ups)
+            name = "a CUDA device"
+        return "full", f"CUDA visible: {name}"
     if COMMITTED_PROFILE in profile_names():
         return COMMITTED_PROFILE, "no CUDA visible"
     return "quick", "no CUDA visible, and this checkout has no cpu profile"
