@@ -260,8 +260,7 @@ def binary_auc(y, score) -> float:
     """ROC AUC of a 0/1 outcome; ValueError (as ``metrics.macro_auc`` raises) when one outcome is absent, so the
     bootstrap skips such resamples instead of averaging NaNs."""
     y = np.asarray(y).astype(bool)
-    if y.all() or not y.any():
-        raise ValueError(f"AUC undefined: {'no' if not y.any() else 'only'} positive cases")
+    M._require_both_outcomes(y, "the outcome")  # the one check metrics' AUCs use
     return float(roc_auc_score(y, score))
 
 
