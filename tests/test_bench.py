@@ -66,7 +66,8 @@ def test_table_has_every_column_and_sane_values(synthetic_cache, tmp_path, capsy
     text = out.read_text()
     assert text in capsys.readouterr().out + "\n"
     for part in ("Device: CPU", "torch threads: 1", "Date:", f"torch {torch.__version__}", "profile `smoke`",
-                 "Main table at 32x32", "fp32", "matmul", "What each column includes", "no host synchronisation"):
+                 "Main table at 32x32", "fp32", "matmul", "What each column includes", "no host synchronisation",
+                 "bf16 on 1 thread(s)"):
         assert part in text, part
     rows, stages, augment = tables(text)
     assert [r["model"] for r in rows] == ["resnet18_tuned"]
@@ -180,6 +181,25 @@ def test_project_path_cycles_whole_batches_even_on_tiny_data():
 def test_matmul_peak_is_positive():
     peak = bench.matmul_peak(torch.device("cpu"), sizes=(64, 128), repeats=2)
     assert peak["gflops"] > 0 and peak["size"] in (64, 128) and peak["dtype"] == "fp32"
+
+
+def test_cpu_peak_context_measures_one_thread_and_bf16_and_restores_the_threads(monkeypatch):
+    calls = []
+
+    def fake_peak(device, dtype=torch.float32, sizes=None, repeats=5):
+        calls.append((torch.get_num_threads(), dtype))
+        return dict(gflops=1.0, size=2048, sizes=sizes, repeats=repeats, dtype={torch.float32: "fp32"}.get(dtype, "bf16"))
+
+    monkeypatch.setattr(bench, "matmul_peak", fake_peak)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        out = bench.cpu_peak_context()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [(1, torch.float32), (2, torch.bfloat16)]
+    assert [(o["dtype"], o["threads"]) for o in out] == [("fp32", 1), ("bf16", 2)]
 
 
 def test_compile_payback_and_advice():

@@ -182,6 +182,23 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, sizes=
     return best
 
 
+def cpu_peak_context(repeats: int = 5) -> list[dict]:
+    """On the CPU, the peaks that explain the main one: fp32 on one thread (one core's share: a figure quoted for
+    this machine, 169 GFLOP/s, was this one) and bf16 on every thread (whether bf16 would pay: without AMX units
+    it runs slower than fp32, so training stays fp32 on the CPU)."""
+    threads = torch.get_num_threads()
+    out = []
+    if threads > 1:
+        torch.set_num_threads(1)
+        try:
+            out.append({**matmul_peak(torch.device("cpu"), sizes=(2048,), repeats=repeats), "threads": 1})
+        finally:
+            torch.set_num_threads(threads)
+    out.append({**matmul_peak(torch.device("cpu"), torch.bfloat16, sizes=(2048,), repeats=repeats),
+                "threads": threads})
+    return out
+
+
 def train_flops_per_image(model, x: torch.Tensor, y: torch.Tensor, device: torch.device,
                           label_smoothing: float = 0.0) -> float:
     """FLOPs of one forward + backward pass over the batch ``x``, per image, as ``FlopCounterMode`` counts them
@@ -303,6 +320,7 @@ class Setup:
     eval_batch: int
     batch_override: int | None = None
     peak: dict = field(default_factory=dict)
+    other_peaks: list = field(default_factory=list)  # context for the peak: one thread, other precisions
 
 
 def measure_config(config: Config, s: Setup) -> dict:
@@ -556,7 +574,10 @@ def report(rows: list[dict], s: Setup, data: dict, cache: dict, profile: str, pr
         f"{precision_label(s.device)}; channels_last; random init; " + "; ".join(
             [f"{s.steps} timed steps after {s.warmup} warm-up per measurement"] + extras),
         f"- Peak: {p['dtype']} matmul {p['gflops']:.0f} GFLOP/s (best of {p['repeats']} at each of "
-        f"{', '.join(f'{n}x{n}' for n in p['sizes'])}; best at {p['size']}x{p['size']})",
+        f"{', '.join(f'{n}x{n}' for n in p['sizes'])}; best at {p['size']}x{p['size']}), "
+        f"{torch.get_num_threads()} thread(s): the denominator of every \"/ peak\" column"
+        + "".join(f"; {o['dtype']} on {o['threads']} thread(s): {o['gflops']:.0f} GFLOP/s at 2048x2048"
+                  for o in s.other_peaks),
     ])
     columns = table_columns(s)
     legend = "What each column includes:\n\n" + "\n".join(f"- **{c}**: {LEGEND[c]}" for c in columns
@@ -644,6 +665,7 @@ def main(argv=None) -> int:
               eval_batch=args.eval_batch_size or cfg["eval_batch_size"], batch_override=args.batch_size)
     print("measuring the matmul peak ...", file=sys.stderr, flush=True)
     s.peak = matmul_peak(device, amp_dtype(device) or torch.float32)
+    s.other_peaks = cpu_peak_context() if device.type == "cpu" else []
     rows = []
     for config in configs:
         t0 = time.perf_counter()
