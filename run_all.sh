@@ -4,7 +4,7 @@
 #
 #   ./run_all.sh                    # the profile that fits this machine: full with CUDA, else cpu (it says which)
 #   ./run_all.sh quick              # a 10-minute tour of the whole pipeline on a 2-core CPU
-#   ./run_all.sh cpu                # the committed study on a 2-core CPU (about 75 minutes; rewrites README's table)
+#   ./run_all.sh cpu                # the committed study on a 2-core CPU (about 80 minutes; rewrites README's table)
 #   ./run_all.sh full -p weights none -p data_dir /path/to/ham10000
 #   ./run_all.sh --lab              # open the notebooks in JupyterLab with this project's environment and kernel
 #   FRESH=1 ./run_all.sh quick      # retrain from scratch: drop this profile's checkpoints first

@@ -267,3 +267,9 @@ def test_compare_notebook_runs_on_fake_runs(study, tmp_path):
     assert (ROOT / "README.md").read_bytes() == readme, "a plain run must not rewrite the README"
     assert (study["reports"] / "summary.md").exists()
     assert (study["reports"] / "compare" / "time_to_accuracy.png").exists()
+
+
+def test_beyond_noise_names_the_side_it_favours():
+    assert R.beyond_noise(+0.03, 0.01) == "best ahead"
+    assert R.beyond_noise(-0.031, 0.018) == "other ahead"  # the committed cpu run: resnet101 vs resnet50 accuracy
+    assert R.beyond_noise(+0.03, 0.05) == "no" and R.beyond_noise(-0.2, 0.9) == "no"

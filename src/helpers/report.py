@@ -251,8 +251,15 @@ def _paired_display(paired: pd.DataFrame, select_metric: str) -> pd.DataFrame:
                                 zip(paired["difference"], paired["ci_low"], paired["ci_high"])],
         "p": [f"{p:.3f}" for p in paired["p_value"]], "p (Holm)": [f"{p:.3f}" for p in paired["p_holm"]],
         "seeds best/other": [f"{a}/{b}" for a, b in zip(paired["seeds_reference"], paired["seeds_other"])],
-        "lead beyond noise (Holm p < 0.05)": [bool(d > 0 and p < 0.05) for d, p in
-                                              zip(paired["difference"], paired["p_holm"])]})
+        "beyond noise (Holm p < 0.05)": [beyond_noise(d, p) for d, p in zip(paired["difference"], paired["p_holm"])]})
+
+
+def beyond_noise(difference: float, p_holm: float, alpha: float = 0.05) -> str:
+    """Which side a paired difference (best - other) favours when it is beyond noise: a significant deficit of the
+    best model is news too, so it must not read like "no difference"."""
+    if p_holm >= alpha:
+        return "no"
+    return "best ahead" if difference > 0 else "other ahead"
 
 
 def compare_runs(cfg: dict, reports: Path, names=None, n_boot: int | None = None) -> dict:
