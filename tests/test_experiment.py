@@ -81,7 +81,7 @@ def test_changed_training_code_retrains_and_says_why(tmp_path, monkeypatch, caps
     assert E.run_key(parts_torch) != E.run_key(parts)
 
 
-def test_superseded_lists_older_folders_of_a_run_and_keeps_the_one_in_use(tmp_path):
+def test_superseded_lists_older_folders_of_a_run_and_keeps_the_one_in_use(tmp_path, monkeypatch):
     import os
 
     from helpers.experiment import main, superseded
@@ -94,9 +94,8 @@ def test_superseded_lists_older_folders_of_a_run_and_keeps_the_one_in_use(tmp_pa
     assert superseded(models) == [models / "resnet34_tuned_s0-aaa"]
     os.utime(models / "resnet34_tuned_s0-aaa", (2000, 2000))  # the older key is in use again (code reverted)
     assert superseded(models) == [models / "resnet34_tuned_s0-bbb"]
-    os.environ["HAM_MODELS_DIR"] = str(tmp_path)
-    try:
-        assert main(["prune", "cpu", "--delete"]) == 0
-    finally:
-        del os.environ["HAM_MODELS_DIR"]
+    monkeypatch.setenv("HAM_MODELS_DIR", str(tmp_path))
+    monkeypatch.setenv("HAM_REPORTS_DIR", str(tmp_path / "published"))
+    assert main(["prune", "cpu", "--delete"]) == 0
+    assert not (tmp_path / "published").exists()  # pruning looks at models only: it creates no reports folder
     assert sorted(p.name for p in models.iterdir()) == ["resnet34_tuned_s0-aaa", "resnet50_tuned_s0-ccc"]

@@ -104,10 +104,12 @@ def weights_label(weights) -> str:
     return "random init" if weights is None else ("ImageNet" if weights == "imagenet" else f"file {weights}")
 
 
-def output_dirs(cfg: dict | None = None) -> dict[str, Path]:
+def output_dirs(cfg: dict | None = None, create: bool = True) -> dict[str, Path]:
     """Where a run writes: reports (committed), models (checkpoints, ignored by git) and the decoded-image cache.
 
-    Environment variables override the defaults so tests can send a smoke run to a temporary folder.
+    Environment variables override the defaults so tests can send a smoke run to a temporary folder. ``create``:
+    make the folders (a run about to write); False for callers that only look (pruning checkpoints must not
+    recreate the reports folder run_all.sh has just published).
     """
     root = project_root()
     dirs = {
@@ -115,7 +117,7 @@ def output_dirs(cfg: dict | None = None) -> dict[str, Path]:
         "models": Path(os.environ.get("HAM_MODELS_DIR") or (cfg or {}).get("models_dir") or root / "models"),
         "cache": Path(os.environ.get("HAM_CACHE_DIR") or root / "data" / "cache"),
     }
-    for d in dirs.values():
+    for d in dirs.values() if create else ():
         d.mkdir(parents=True, exist_ok=True)
     return dirs
 

@@ -379,8 +379,7 @@ def main(argv=None) -> int:
     prune.add_argument("profile")
     prune.add_argument("--delete", action="store_true", help="delete them (default: only list them)")
     args = p.parse_args(argv)
-    # Not output_dirs(): it would create the reports folder that run_all.sh has just published and removed.
-    folder = Path(os.environ.get("HAM_MODELS_DIR") or project_root() / "models") / args.profile
+    folder = output_dirs(create=False)["models"] / args.profile
     old = superseded(folder) if folder.is_dir() else []
     size = sum(f.stat().st_size for d in old for f in d.rglob("*") if f.is_file())
     for d in old:
