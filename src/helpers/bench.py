@@ -576,7 +576,7 @@ def report(rows: list[dict], s: Setup, data: dict, cache: dict, profile: str, pr
         f"- Peak: {p['dtype']} matmul {p['gflops']:.0f} GFLOP/s (best of {p['repeats']} at each of "
         f"{', '.join(f'{n}x{n}' for n in p['sizes'])}; best at {p['size']}x{p['size']}), "
         f"{torch.get_num_threads()} thread(s): the denominator of every \"/ peak\" column"
-        + "".join(f"; {o['dtype']} on {o['threads']} thread(s): {o['gflops']:.0f} GFLOP/s at 2048x2048"
+        + "".join(f"; {o['dtype']} on {o['threads']} thread(s): {o['gflops']:.0f} GFLOP/s at {o['size']}x{o['size']}"
                   for o in s.other_peaks),
     ])
     columns = table_columns(s)
