@@ -12,7 +12,8 @@ After the notebooks: ``failed`` names the notebook, cell and exception of a fail
 notebook); ``publish`` replaces the reports with the staged ones, keeping what ``run_all.sh`` does not make.
 
 The notebooks use ``default_profile`` (through ``config.load_profile(None)``) and ``model_recipes`` (which
-recipes a model notebook trains) too. Nothing here imports ``helpers.config`` at module level.
+recipes a model notebook trains) too. Only light modules are imported at module level (``config`` needs PyYAML
+alone); torch and the data code are imported by the checks that use them.
 """
 from __future__ import annotations
 
@@ -27,10 +28,9 @@ import sys
 import time
 from pathlib import Path
 
-from .config import project_root
+from . import config
+from .config import PROFILE_DIR, profile_names, project_root
 
-PROFILE_DIR = Path(__file__).parent / "profiles"
-KNOWN_ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 COMMITTED_PROFILE = "cpu"  # its reports are the checkout's reports/ and README's results block
 MARKER = ".made-by-run_all"
 MARKER_TEXT = ("This folder was made by run_all.sh, which may replace its contents (except _partial/, benchmark* "
@@ -51,10 +51,6 @@ class PreflightError(Exception):
 
 
 # ------------------------------------------------------------------------------------------------ choices
-def profile_names() -> list[str]:
-    return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
-
-
 def cuda_visible() -> bool:
     import torch
 
@@ -88,12 +84,10 @@ def choose_profile(given: str | None = None) -> tuple[str, str]:
 
 
 def known_archs() -> tuple[str, ...]:
-    try:
-        from .model import ARCHS
+    """model.py's architectures, shallow to deep."""
+    from .model import ARCHS
 
-        return tuple(sorted(ARCHS, key=lambda a: int(re.sub(r"\D", "", a) or 0)))
-    except ImportError:  # pragma: no cover - model.py always defines ARCHS
-        return KNOWN_ARCHS
+    return tuple(sorted(ARCHS, key=lambda a: int(re.sub(r"\D", "", a) or 0)))
 
 
 def model_recipes(cfg: dict, arch: str, recipes=None) -> list[str]:
@@ -147,24 +141,8 @@ def _from_notebooks(path) -> Path:
     return p if p.is_absolute() else (project_root() / "notebooks" / p).resolve()
 
 
-def _recipe(cfg: dict, arch: str, name: str) -> dict:
-    from . import config
-
-    return config.recipe(cfg, arch, name)
-
-
-def _seeds(cfg: dict, arch: str, name: str) -> list:
-    from . import config
-
-    if hasattr(config, "recipe_seeds"):
-        return list(config.recipe_seeds(cfg, arch, name))
-    return list(cfg.get("seeds") or [0])
-
-
 def check_profile(profile: str, params: dict) -> tuple[dict, list[tuple[str, str, dict]]]:
     """The profile and every run it will train, resolved as the notebooks will: (cfg, [(arch, recipe, settings)])."""
-    from . import config
-
     try:
         cfg = config.load_profile(profile, weights=params.get("weights"))
     except FileNotFoundError:
@@ -177,7 +155,7 @@ def check_profile(profile: str, params: dict) -> tuple[dict, list[tuple[str, str
     for arch in cfg.get("models") or {}:
         try:
             for name in model_recipes(cfg, arch):
-                runs.append((arch, name, _recipe(cfg, arch, name)))
+                runs.append((arch, name, config.recipe(cfg, arch, name)))
         except Exception as e:
             raise PreflightError(f"profile {profile!r}, model {arch}: {type(e).__name__}: {e}",
                                  f"{cfg['profile_file']}: fix the recipe named above.") from None
@@ -281,22 +259,18 @@ def check_gpu(profile: str, cfg: dict) -> None:
 
 
 # --------------------------------------------------------------------------------------------- the estimate
-def _device():
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def measure_step(arch: str, size: int, batch: int, freeze: bool = False, steps: int = 3, device=None) -> float:
     """Seconds per training step of ``arch`` (random init, 7 classes) at ``size`` x ``size``, batch ``batch``:
-    forward, cross-entropy, backward, AdamW; channels_last as the training loop runs. One untimed warm-up step,
-    then the fastest of ``steps`` timed ones (the least disturbed by other work; a step over 5 s is timed once)."""
+    forward, cross-entropy, backward, AdamW; channels_last and autocast as the training loop runs. One untimed
+    warm-up step, then the fastest of ``steps`` timed ones (the least disturbed by other work; a step over 5 s is
+    timed once)."""
     import torch
     import torch.nn.functional as F
 
+    from .device import autocast, pick_device
     from .model import resnet
 
-    device = device or _device()
+    device = device or pick_device()
     model = resnet(arch, num_classes=7).to(device).to(memory_format=torch.channels_last)
     if freeze:
         for n, p in model.named_parameters():
@@ -304,10 +278,9 @@ def measure_step(arch: str, size: int, batch: int, freeze: bool = False, steps: 
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 7, (batch,), device=device)
-    amp = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
 
     def step():
-        with amp:
+        with autocast(device):
             loss = F.cross_entropy(model(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -327,14 +300,15 @@ def measure_step(arch: str, size: int, batch: int, freeze: bool = False, steps: 
 
 
 def _timing_cache() -> Path:
-    root = Path(os.environ.get("HAM_CACHE_DIR") or project_root() / "data" / "cache")
-    return root / "preflight_steps.json"
+    return config.output_dirs(create=False)["cache"] / "preflight_steps.json"
 
 
 def _machine() -> str:
     import torch
 
-    return f"{socket.gethostname()};{os.cpu_count()};torch {torch.__version__};{_device()}"
+    from .device import pick_device
+
+    return f"{socket.gethostname()};{os.cpu_count()};torch {torch.__version__};{pick_device()}"
 
 
 TIMING_MAX_AGE = 7 * 86400  # re-measure a week later (or delete data/cache/preflight_steps.json)
@@ -398,7 +372,7 @@ def estimate_seconds(cfg: dict, runs, n_images: int | None = None, step=None) ->
         n_epochs = sum(int(e) for _, e in schedule)
         seconds += n_epochs * n_eval / 2 * per_image_forward  # validation after every epoch
         seconds += n_eval * per_image_forward * (8 if r.get("tta") else 1) + PER_RUN_SECONDS
-        total += seconds * len(_seeds(cfg, arch, name))
+        total += seconds * len(config.recipe_seeds(cfg, arch, name))
     return total
 
 
