@@ -18,7 +18,7 @@ import pytest
 
 from helpers import preflight as PF
 from helpers import report as R
-from helpers.config import load_profile
+from helpers.config import load_profile, recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -225,7 +225,7 @@ def test_default_profile_fits_the_machine(monkeypatch):
     assert PF.default_profile(cuda=False) == ("cpu", "no CUDA visible")
     monkeypatch.setattr("torch.cuda.get_device_name", lambda i=0: "Fake GPU")
     assert PF.default_profile(cuda=True)[0] == "full"
-    monkeypatch.setattr(PF, "profile_names", lambda: ["full", "quick", "smoke"])
+    monkeypatch.setattr("helpers.config.profile_names", lambda: ["full", "quick", "smoke"])
     assert PF.default_profile(cuda=False)[0] == "quick"
 
 
@@ -234,7 +234,7 @@ def test_profile_env_wins_over_default_and_argument_over_env(monkeypatch):
     assert PF.choose_profile(None) == ("smoke", "from $HAM_PROFILE")
     assert PF.choose_profile("quick")[0] == "quick"
     monkeypatch.delenv("HAM_PROFILE")
-    monkeypatch.setattr(PF, "cuda_visible", lambda: False)
+    monkeypatch.setattr("helpers.config.cuda_visible", lambda: False)
     assert PF.choose_profile(None) == ("cpu", "no CUDA visible")
 
 
@@ -242,35 +242,37 @@ def test_estimate_extrapolates_timed_steps_with_epochs_schedule_and_seeds():
     cfg = {"split_fractions": [0.7, 0.15, 0.15], "image_size": 64, "max_train_images": None, "seeds": [0]}
     calls = []
 
-    def step(arch, size, batch, freeze):
-        calls.append((arch, size, batch, freeze))
+    def step(r, size):
+        calls.append((size, r["batch_size"]))
         return {48: 0.5, 64: 1.0}[size], False
 
     base = dict(batch_size=64, image_size=64, epochs=2)
     one = PF.estimate_seconds(cfg, [("resnet34", "a", base)], 10000, step) - PF.FIXED_SECONDS
     steps = 110  # 7,000 training images / 64
-    assert one == pytest.approx(2 * steps * 1.0 * PF.AUGMENT_FACTOR + 2 * 3000 / 2 * (1 / 64 / 3)
+    assert one == pytest.approx(2 * steps * 1.0 + 2 * 3000 / 2 * (1 / 64 / 3)
                                 + 3000 / 64 / 3 + PF.PER_RUN_SECONDS)
     sched = PF.estimate_seconds(cfg, [("resnet34", "a", dict(base, resolution_schedule=[[48, 4], [64, 2]]))],
                                 10000, step) - PF.FIXED_SECONDS
-    assert sched > one and (("resnet34", 48, 64, False) in calls)
+    assert sched > one and ((48, 64) in calls)
     capped = PF.estimate_seconds(dict(cfg, max_train_images=1500), [("resnet34", "a", base)], 10000, step)
     assert capped - PF.FIXED_SECONDS < one
 
 
 def test_measured_step_is_cached_per_machine(monkeypatch, tmp_path):
     monkeypatch.setenv("HAM_CACHE_DIR", str(tmp_path))
-    s, measured = PF.step_seconds("resnet18", 32, 4, False, measure=lambda *a: PF.measure_step(*a, steps=1))
+    r = recipe(load_profile("smoke"), "resnet18", "tuned")
+    s, measured = PF.step_seconds(r, 32, measure=lambda *a: PF.measure_step(*a, steps=1))
     assert s > 0 and measured
-    assert PF.step_seconds("resnet18", 32, 4, False, measure=lambda *a: 1 / 0) == (s, False)
+    assert PF.step_seconds(r, 32, measure=lambda *a: 1 / 0) == (s, False)
+    assert PF.step_seconds(dict(r, augment="none"), 32, measure=lambda *a: 2.0) == (2.0, True)  # recipe in key
 
 
 def test_first_line_says_profile_why_and_measured_estimate(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HAM_PREFLIGHT_TIMING", "1")
     monkeypatch.setenv("HAM_REPORTS_DIR", str(tmp_path / "r"))
     monkeypatch.delenv("HAM_PROFILE")
-    monkeypatch.setattr(PF, "cuda_visible", lambda: False)
-    monkeypatch.setattr(PF, "profile_names", lambda: ["full", "quick", "smoke"])  # no cpu: quick, fast here
+    monkeypatch.setattr("helpers.config.cuda_visible", lambda: False)
+    monkeypatch.setattr("helpers.config.profile_names", lambda: ["full", "quick", "smoke"])  # no cpu: quick
     monkeypatch.setattr(PF, "step_seconds", lambda *a, **k: (0.5, True))
     assert PF.start(tmp_path / "env", None, ["-p", "weights", "none"]) == 0
     first = capsys.readouterr().out.splitlines()[0]

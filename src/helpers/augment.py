@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from kornia import augmentation as K
 from torch import nn
 
+from .config import AUGMENTATIONS
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-AUGMENTATIONS = ("none", "light", "strong")
 
 
 def make_augment(kind: str = "light") -> nn.Module | None:

@@ -24,11 +24,9 @@ import argparse
 import gc
 import math
 import os
-import platform
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,10 +37,10 @@ import torch.nn.functional as F
 from . import data as D
 from .augment import IMAGENET_MEAN, IMAGENET_STD, Preprocess
 from .config import load_profile, profile_names, recipe as get_recipe
-from .device import amp_dtype, autocast, pick_device, precision_label
+from .device import amp_dtype, autocast, device_label, pick_device, precision_label
 from .evaluate import predict_proba
 from .model import ARCHS, build_model, count_parameters, freeze, train_mode
-from .train import _optimizer
+from . import train as T
 
 REFERENCE_BATCH = 32  # the write-ups' batch size, kept for the reference loop whatever the recipe says
 DEFAULT_STEPS = {"cpu": (8, 2), "cuda": (30, 5)}  # (timed steps, warm-up steps) per measurement
@@ -98,7 +96,7 @@ class Config:
         return f"{self.arch}_{self.recipe}"
 
 
-from .preflight import default_profile  # noqa: E402  (one choice of profile for run_all, notebooks and bench)
+from .config import default_profile  # noqa: E402  (one choice of profile for run_all, notebooks and bench)
 
 
 def configs_for(cfg: dict, models: str | None = None) -> list[Config]:
@@ -214,24 +212,9 @@ def train_flops_per_image(model, x: torch.Tensor, y: torch.Tensor, device: torch
     return counter.get_total_flops() / len(x)
 
 
-def make_step(model, opt, scaler, device: torch.device, r: dict, class_weight=None, amp: bool = True):
-    """``fit``'s optimiser step for ``model`` (without the scheduler, which costs microseconds). Returns
-    ``step(x, y) -> (logits, loss)``, both detached and left on the device."""
-    def step(x, y):
-        with autocast(device) if amp else nullcontext():
-            logits = model(x)
-            loss = F.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=r["label_smoothing"])
-        opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        if scaler.is_enabled():  # fp16 only: the scaler reads its inf flag on the host, in training as here
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        return logits.detach(), loss.detach()
-
-    step.model = model
-    return step
+def no_prep(x, size=None, train=False):
+    """The ceiling's input is a synthetic batch already normalised on the device: nothing to do."""
+    return x
 
 
 def measure_ceiling(step, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: int,
@@ -241,7 +224,7 @@ def measure_ceiling(step, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: 
     total = torch.zeros((), device=device)
 
     def one():
-        total.add_(step(x, y)[1])
+        total.add_(step(x, y, None)[0])
 
     seconds = seconds_per_step(one, steps, warmup, device)
     return seconds, math.isfinite(float(total))
@@ -249,17 +232,17 @@ def measure_ceiling(step, x: torch.Tensor, y: torch.Tensor, steps: int, warmup: 
 
 class ProjectPath:
     """``fit``'s data path: an order drawn on the device over the uint8 cache (already on the device, with its
-    labels), batches indexed there, ``Preprocess`` at ``size``, then ``step``; loss, correct count and a finite flag
-    accumulate on the device, read every ``check_every`` steps as ``fit`` does."""
+    labels), batches indexed there, then ``train.make_step``'s step at ``size`` (``Preprocess`` inside it); loss,
+    correct count and a finite flag accumulate on the device, read every ``check_every`` steps as ``fit`` does."""
 
-    def __init__(self, x_cache, y_cache, batch: int, size: int, prep, device: torch.device, check_every: int = 50,
+    def __init__(self, x_cache, y_cache, batch: int, size: int, device: torch.device, check_every: int = 50,
                  seed: int = 0):
         n = len(y_cache)
         gen = torch.Generator(device=device).manual_seed(seed)
         reps = max(1, math.ceil(batch / n))
         perm = torch.cat([torch.randperm(n, generator=gen, device=device) for _ in range(reps)])
         self.order = perm[:len(perm) // batch * batch].view(-1, batch)  # whole batches only, cycled
-        self.x, self.y, self.size, self.prep, self.check_every = x_cache, y_cache, size, prep, check_every
+        self.x, self.y, self.size, self.check_every = x_cache, y_cache, size, check_every
         self.total_loss = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.finite = torch.ones((), device=device, dtype=torch.bool)
@@ -267,9 +250,8 @@ class ProjectPath:
 
     def __call__(self, step):
         idx = self.order[self.i % len(self.order)]  # a view: no host read
-        x = self.prep(self.x[idx], self.size, train=True)
         y = self.y[idx]
-        logits, loss = step(x, y)
+        loss, logits = step(self.x[idx], y, self.size)
         self.finite &= torch.isfinite(loss)
         self.total_loss += loss * len(y)
         self.correct += (logits.argmax(1) == y).sum()
@@ -334,23 +316,20 @@ def measure_config(config: Config, s: Setup) -> dict:
     torch.manual_seed(0)
     model = make_model(r, s.num_classes).to(dev).to(memory_format=torch.channels_last)
     train_mode(model)
-    opt = _optimizer([p for p in model.parameters() if p.requires_grad], r, next(model.parameters()).device)
-    scaler = torch.amp.GradScaler("cuda", enabled=uses_grad_scaler(dev))
-    class_weight = None
-    if r["class_weighting"] == "balanced":
-        counts = torch.bincount(s.y_train, minlength=s.num_classes).float()
-        class_weight = counts.sum() / (len(counts) * counts.clamp(min=1))
-    step = make_step(model, opt, scaler, dev, r, class_weight)
+    # The training loop's own step (train.training_step: optimiser, schedule, scaler, augmentation, class weights);
+    # the ceiling runs the same step on a synthetic batch that needs no preprocessing.
+    step, opt, sched, scaler = T.training_step(model, r, dev, s.y_train, math.ceil(images_per_epoch(s) / batch))
+    class_weight = T.class_weights(s.y_train, s.num_classes) if r["class_weighting"] == "balanced" else None
+    ceiling_step = T.make_step(model, opt, sched, scaler, no_prep, r, dev, class_weight)
 
     x_syn = torch.randn(batch, 3, s.size, s.size, device=dev).contiguous(memory_format=torch.channels_last)
     y_syn = torch.randint(0, s.num_classes, (batch,), device=dev)
     flops = train_flops_per_image(model, x_syn, y_syn, dev, r["label_smoothing"])
-    ceiling, finite = measure_ceiling(step, x_syn, y_syn, s.steps, s.warmup, dev)
+    ceiling, finite = measure_ceiling(ceiling_step, x_syn, y_syn, s.steps, s.warmup, dev)
     if not finite:
         print(f"warning: {config.name}: the ceiling's loss was not finite", file=sys.stderr)
 
-    prep = Preprocess(r["augment"]).to(dev)
-    path = ProjectPath(s.x_train, s.y_train, batch, s.size, prep, dev, r.get("check_every", 50))
+    path = ProjectPath(s.x_train, s.y_train, batch, s.size, dev, r.get("check_every", 50))
     project = seconds_per_step(lambda: path(step), s.steps, s.warmup, dev)
 
     gflop = flops / 1e9
@@ -363,20 +342,20 @@ def measure_config(config: Config, s: Setup) -> dict:
            "project GFLOP/s": project_ips * gflop, "project / peak": project_ips * gflop / peak,
            "project / ceiling": project_ips / ceiling_ips, "_epochs": r["epochs"], "_images": images_per_epoch(s),
            "_compile": bool(r.get("compile"))}
-    row["_stages"] = measure_stages(r, s, step, prep, batch, {s.size: (gflop, project_ips)})
+    row["_stages"] = measure_stages(r, s, model, step, batch, {s.size: (gflop, project_ips)})
     row["train min/run (est.)"] = estimate_minutes(row["_stages"], row["_images"])
     if s.compile:
-        row.update(measure_compiled(model, opt, scaler, r, class_weight, path, project, project_ips, s, batch))
+        row.update(measure_compiled(model, opt, sched, scaler, r, class_weight, path, project, project_ips, s, batch))
     row["eval img/s"] = measure_eval(model, s, batch)  # leaves the model in eval mode: training measurements first
     row["peak GPU mem (GiB)"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
     if s.reference_loop:
-        row.update(measure_reference(model, opt, scaler, r, s, project_ips))
-    del model, opt, step, path
+        row.update(measure_reference(model, opt, sched, scaler, r, s, project_ips))
+    del model, opt, step, ceiling_step, path
     release(dev)
     return row
 
 
-def measure_stages(r: dict, s: Setup, step, prep, batch: int, measured: dict) -> list[dict]:
+def measure_stages(r: dict, s: Setup, model, step, batch: int, measured: dict) -> list[dict]:
     """The recipe's training resolutions (``resolution_schedule``, else all epochs at the profile's image_size),
     each with its train GFLOP/img and the project path's img/s there. ``measured`` ({px: (GFLOP/img, img/s)})
     holds sizes already measured; the others are measured now (unless ``--size`` fixed one size: then they stay
@@ -386,8 +365,8 @@ def measure_stages(r: dict, s: Setup, step, prep, batch: int, measured: dict) ->
         if px not in measured and s.schedule:
             x = torch.randn(batch, 3, px, px, device=s.device).contiguous(memory_format=torch.channels_last)
             y = torch.randint(0, s.num_classes, (batch,), device=s.device)
-            gflop = train_flops_per_image(step.model, x, y, s.device, r["label_smoothing"]) / 1e9
-            path = ProjectPath(s.x_train, s.y_train, batch, px, prep, s.device, r.get("check_every", 50))
+            gflop = train_flops_per_image(model, x, y, s.device, r["label_smoothing"]) / 1e9
+            path = ProjectPath(s.x_train, s.y_train, batch, px, s.device, r.get("check_every", 50))
             measured[px] = (gflop, batch / seconds_per_step(lambda: path(step), s.steps, s.warmup, s.device))
         gflop, ips = measured.get(px, (None, None))
         stages.append({"px": px, "epochs": epochs, "train GFLOP/img": gflop, "project img/s": ips,
@@ -407,11 +386,12 @@ def images_per_epoch(s: Setup) -> int:
     return min(len(s.y_train), cap) if cap else len(s.y_train)
 
 
-def measure_compiled(model, opt, scaler, r, class_weight, path: ProjectPath, eager_seconds: float,
+def measure_compiled(model, opt, sched, scaler, r, class_weight, path: ProjectPath, eager_seconds: float,
                      eager_ips: float, s: Setup, batch: int) -> dict:
     """Compile time (the first compiled step minus an eager one) apart from the compiled steady-state img/s, on
     the project's path."""
-    step = make_step(torch.compile(model), opt, scaler, s.device, r, class_weight)
+    step = T.make_step(model, opt, sched, scaler, Preprocess(r["augment"]).to(s.device), r, s.device, class_weight,
+                       step_model=torch.compile(model))
     t0 = time.perf_counter()
     path(step)
     sync(s.device)
@@ -455,16 +435,16 @@ def reference_batches(paths, labels, size: int, n_batches: int):
     return iter(loader)
 
 
-def measure_reference(model, opt, scaler, r, s: Setup, project_ips: float) -> dict:
+def measure_reference(model, opt, sched, scaler, r, s: Setup, project_ips: float) -> dict:
     """The reference loop with the same model: NCHW, fp32, no compile (how the write-ups trained)."""
     model.to(memory_format=torch.contiguous_format)
     train_mode(model)  # predict_proba left it in eval mode
-    step = make_step(model, opt, scaler, s.device, r, amp=False)
+    step = T.make_step(model, opt, sched, scaler, no_prep, r, s.device, amp=False)
     batches = reference_batches(s.paths, s.y_train.cpu().tolist(), s.size, s.warmup + s.steps)
 
     def one():
         x, y = next(batches)
-        step(x.to(s.device, non_blocking=True), y.to(s.device, non_blocking=True))
+        step(x.to(s.device, non_blocking=True), y.to(s.device, non_blocking=True), None)
 
     ips = REFERENCE_BATCH / seconds_per_step(one, s.steps, s.warmup, s.device)
     del batches  # shuts the workers down
@@ -512,24 +492,6 @@ def load_train_data(cfg: dict, data_dir, size: int) -> tuple[dict, dict]:
     train_paths = df.path[df.split == "train"].tolist()
     return dict(root=str(data_dir or os.environ.get("HAM10000_DIR") or root), x=x_train, y=y_train, paths=train_paths,
                 classes=df.attrs["classes"]), info
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def device_label(device: torch.device) -> str:
-    """The GPU's name, or the CPU with its core count: CPU timings on a shared machine mean little without it."""
-    if device.type == "cuda":
-        return f"CUDA {torch.cuda.get_device_name(device)}"
-    return f"CPU {cpu_name()} ({platform.machine()}, {os.cpu_count()} cores)"
 
 
 def fmt(value) -> str:
@@ -638,6 +600,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--executors" in argv:  # local against Ray executors: bench_executors.py
+        from .bench_executors import main as executors
+
+        return executors([a for a in argv if a != "--executors"])
     args = parse_args(argv)
     t_start = time.perf_counter()
     load_before = os.getloadavg()[0]

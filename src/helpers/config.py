@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from pathlib import Path
 
 import yaml
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
-SELECT_METRICS = ("val_auc", "val_bal_acc", "val_acc", "val_loss")
+# The validation numbers that may choose epochs and models, and whether higher is better: the one definition.
+SELECT_METRICS = {"val_auc": True, "val_bal_acc": True, "val_acc": True, "val_loss": False}
 AUGMENTATIONS = ("none", "light", "strong")
+METADATA_MODES = ("none", "late", "joint")  # age, sex, site: unused; fused after training; a trained branch
+COMMITTED_PROFILE = "cpu"  # its reports are the checkout's reports/ and README's results block
 
 # What a recipe may set, with defaults. The profiles fill these in; unknown keys are refused.
 RECIPE_DEFAULTS = dict(
@@ -26,6 +30,7 @@ RECIPE_DEFAULTS = dict(
     image_size=224,            # the evaluation size (the cache's; from the profile); the last stage usually matches
     tta=False,                 # evaluate (val/test reports) averaging the 8 dihedral views
     logit_adjust=False,        # predicted class: argmax of log p - tau log prior, tau chosen on validation
+    metadata="none",           # none | late (fused with a metadata model after training) | joint (a trained branch)
     select_metric="val_auc",   # from the profile: one rule for epochs and for the best model
     patience=None, seed=0, compile=False, check_every=50, deterministic=False,
     # model options, read by build_model
@@ -44,6 +49,72 @@ def project_root() -> Path:
 
 def profile_names() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+
+
+def cuda_visible() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def default_profile(cuda: bool | None = None) -> tuple[str, str]:
+    """The profile to run when none is given, and why: ``full`` when CUDA is visible, else ``cpu`` (``quick``
+    in a checkout without a ``cpu`` profile). ``$HAM_PROFILE`` is the caller's to honour before this."""
+    cuda = cuda_visible() if cuda is None else cuda
+    if cuda:
+        import torch
+
+        try:
+            name = torch.cuda.get_device_name(0)
+        except RuntimeError:  # asked with cuda=True where no driver answers (tests, odd set-ups)
+            name = "a CUDA device"
+        return "full", f"CUDA visible: {name}"
+    if COMMITTED_PROFILE in profile_names():
+        return COMMITTED_PROFILE, "no CUDA visible"
+    return "quick", "no CUDA visible, and this checkout has no cpu profile"
+
+
+def headless() -> bool:
+    """Per-epoch lines instead of live progress bars (``HAM_HEADLESS=1``, set by run_all.sh)."""
+    return bool(os.environ.get("HAM_HEADLESS"))
+
+
+def compile_allowed() -> bool:
+    """``HAM_COMPILE=0`` turns torch.compile off whatever the recipe says (a GPU without a working compiler)."""
+    return os.environ.get("HAM_COMPILE", "1") != "0"
+
+
+def known_archs() -> tuple[str, ...]:
+    """model.py's architectures, shallow to deep."""
+    from .model import ARCHS
+
+    return tuple(sorted(ARCHS, key=lambda a: int(re.sub(r"\D", "", a) or 0)))
+
+
+def model_recipes(cfg: dict, arch: str, recipes=None) -> list[str]:
+    """The recipes a model notebook trains for ``arch``: ``recipes`` as given (a name or a list), else the profile's
+    list for ``arch`` (an empty list: the profile trains no such model), else (an architecture the profile does
+    not list) every recipe of the profile. An unknown architecture or recipe name is refused with a ValueError
+    naming the choices."""
+    archs = known_archs()
+    if arch not in archs:
+        raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(archs)}.")
+    known = list(cfg.get("recipes") or {})
+    if recipes is None:
+        models = cfg.get("models") or {}
+        if arch in models:  # the profile's list, maybe empty: this profile trains no such model
+            return list(models[arch] or [])
+        recipes = known  # an architecture the profile does not list: every recipe of the profile
+    elif isinstance(recipes, str):
+        recipes = [recipes]
+    recipes = list(recipes)
+    if not recipes:
+        raise ValueError(f"no recipes to train for {arch}: name one or more of {', '.join(known)}.")
+    unknown = [r for r in recipes if r not in known]
+    if unknown:
+        raise ValueError(f"unknown recipe{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for "
+                         f"profile {cfg.get('name', '?')!r}: choose from {', '.join(known)}.")
+    return recipes
 
 
 REPLACED_KEYS = ("models",)  # a profile's model list replaces its parent's; other settings merge key by key
@@ -66,8 +137,6 @@ def load_profile(profile: str | os.PathLike | None = None, **overrides) -> dict:
     Keyword overrides whose value is ``None`` are ignored, so notebook parameters left at ``None`` keep the
     profile's value. Unknown keys are refused: a typo must not silently do nothing.
     """
-    from .preflight import default_profile  # full with CUDA, cpu without: the same choice as run_all.sh
-
     profile = profile or os.environ.get("HAM_PROFILE") or default_profile()[0]
     path = Path(profile)
     if not path.suffix:
@@ -86,7 +155,8 @@ def load_profile(profile: str | os.PathLike | None = None, **overrides) -> dict:
     cfg["profile_file"] = str(path)
     cfg["weights"] = parse_weights(cfg.get("weights"))
     if cfg.get("select_metric", "val_auc") not in SELECT_METRICS:
-        raise ValueError(f"profile {cfg['name']!r}: select_metric {cfg['select_metric']!r}; allowed: {SELECT_METRICS}")
+        raise ValueError(f"profile {cfg['name']!r}: select_metric {cfg['select_metric']!r}; "
+                         f"allowed: {tuple(SELECT_METRICS)}")
     seeds = cfg.setdefault("seeds", [0])
     if not (isinstance(seeds, list) and seeds and all(isinstance(s, int) for s in seeds)):
         raise ValueError(f"profile {cfg['name']!r}: seeds must be a non-empty list of integers, not {seeds!r}")
@@ -154,7 +224,8 @@ def resolve_recipe(recipe: dict) -> dict:
     checks = {
         "optimizer": ("adam", "adamw", "sgd"), "schedule": ("none", "cosine", "onecycle"),
         "class_weighting": ("none", "balanced"), "sampler": ("shuffle", "balanced"),
-        "select_metric": SELECT_METRICS, "augment": AUGMENTATIONS, "head": ("linear", "mlp"),
+        "select_metric": tuple(SELECT_METRICS), "augment": AUGMENTATIONS, "head": ("linear", "mlp"),
+        "metadata": METADATA_MODES,
     }
     for key, allowed in checks.items():
         if r[key] not in allowed:

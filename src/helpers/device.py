@@ -6,6 +6,8 @@ On CUDA: bf16 autocast only where the card has it natively (Ampere and newer); o
 """
 from __future__ import annotations
 
+import os
+import platform
 from contextlib import nullcontext
 
 import torch
@@ -40,3 +42,24 @@ def precision_label(device: torch.device) -> str:
 def autocast(device: torch.device):
     dtype = amp_dtype(device)
     return nullcontext() if dtype is None else torch.autocast("cuda", dtype=dtype)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_label(device: torch.device | str | None = None) -> str:
+    """The one label of where a run or measurement ran: the GPU's name, or the CPU's model with its core count
+    (CPU timings mean little without it)."""
+    device = device if isinstance(device, torch.device) else pick_device(device)
+    if device.type == "cuda":
+        return f"CUDA {torch.cuda.get_device_name(device)}"
+    return f"CPU {cpu_model()} ({platform.machine()}, {os.cpu_count()} cores)"

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+from sklearn.metrics import balanced_accuracy_score, log_loss, roc_auc_score
 
 from .augment import Preprocess
 from .device import autocast, pick_device
-
-SELECT_METRICS = {"val_loss": False, "val_acc": True, "val_bal_acc": True, "val_auc": True}  # higher is better?
 
 
 def dihedral_views(x: torch.Tensor):
@@ -26,11 +24,11 @@ def dihedral_views(x: torch.Tensor):
 
 @torch.no_grad()
 def predict_proba(model, images_uint8: torch.Tensor, batch_size: int = 256, device=None, tta: bool = False,
-                  size: int | None = None) -> np.ndarray:
+                  size: int | None = None, meta: torch.Tensor | None = None) -> np.ndarray:
     """Class probabilities (N x C, float64) for uint8 N x 3 x H x W images; model in eval mode, no augmentation.
 
     ``size`` resizes on the fly (evaluate at another resolution than the cache's); ``tta`` averages the softmax
-    over the 8 dihedral views (8x the cost).
+    over the 8 dihedral views (8x the cost); ``meta`` (N x features) feeds a model's metadata branch.
     """
     device = pick_device(device) if device is None or isinstance(device, str) else device
     model.eval()
@@ -38,11 +36,13 @@ def predict_proba(model, images_uint8: torch.Tensor, batch_size: int = 256, devi
     out = []
     for i in range(0, len(images_uint8), batch_size):
         x = prep(images_uint8[i:i + batch_size].to(device, non_blocking=True), size)
+        m = None if meta is None else meta[i:i + batch_size].to(device)
         views = list(dihedral_views(x)) if tta else [x]
         p = 0
         for v in views:
+            v = v.contiguous(memory_format=torch.channels_last)
             with autocast(device):
-                p = p + torch.softmax(model(v.contiguous(memory_format=torch.channels_last)).float(), 1)
+                p = p + torch.softmax((model(v) if m is None else model(v, m)).float(), 1)
         out.append((p / len(views)).cpu())
     return torch.cat(out).double().numpy() if out else np.zeros((0, 0))
 
@@ -50,9 +50,9 @@ def predict_proba(model, images_uint8: torch.Tensor, batch_size: int = 256, devi
 def val_scores(probs: np.ndarray, labels) -> dict:
     """Validation numbers that select epochs and models: loss, accuracy, balanced accuracy, macro one-vs-rest AUC."""
     labels = np.asarray(labels)
-    loss = float(-np.mean(np.log(probs[np.arange(len(labels)), labels] + 1e-12)))
-    pred = probs.argmax(1)
     n = probs.shape[1]
+    loss = float(log_loss(labels, probs / probs.sum(1, keepdims=True), labels=list(range(n))))
+    pred = probs.argmax(1)
     try:
         if n == 2:
             auc = roc_auc_score(labels, probs[:, 1])

@@ -21,7 +21,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from . import clinical as C
 from . import data as D
+from . import runlock
 from . import metrics as M
 from . import plots as P
 from .config import output_dirs, project_root, recipe as get_recipe, recipe_seeds, weights_label
@@ -29,7 +31,7 @@ from .augment import to_input
 from .explain import gradcam, last_conv_layer
 from .report import model_card, provenance_line
 from .model import build_model, count_parameters, load_trained, save_trained
-from .device import pick_device
+from .device import device_label, pick_device
 from .evaluate import choose_tau, decide, decision_bias, predict_proba
 from .train import fit, seed_everything
 
@@ -49,13 +51,6 @@ def git_commit() -> str:
         return (sha + ("+uncommitted" if dirty else "")) if sha else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def device_name(device=None) -> str:
-    device = pick_device(device if isinstance(device, str) else None) if not isinstance(device, torch.device) else device
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
 
 
 def data_label(df: pd.DataFrame) -> str:
@@ -86,7 +81,7 @@ def provenance(cfg: dict, df: pd.DataFrame, data_dir: Path, device=None) -> dict
         "data": data_label(df), "data_dir": data_source(data_dir), "images": len(df), "task": cfg["task"],
         "image_size": f"{cfg['image_size']}x{cfg['image_size']}", "split_seed": cfg["split_seed"],
         "split_fractions": list(cfg["split_fractions"]), "weights": weights_label(cfg["weights"]),
-        "profile": cfg["name"], "git_commit": git_commit(), "device": device_name(device or cfg["device"]),
+        "profile": cfg["name"], "git_commit": git_commit(), "device": device_label(device or cfg["device"]),
         "packages": {"torch": torch.__version__, "torchvision": torchvision.__version__,
                      "kornia": kornia.__version__, "scikit-learn": sklearn.__version__,
                      "pandas": pd.__version__, "numpy": np.__version__, "python": platform.python_version()},
@@ -157,6 +152,11 @@ TRAINING_SOURCES = ("model.py", "train.py", "augment.py", "evaluate.py", "device
 SOURCE_DIR = Path(__file__).parent
 
 
+def training_sources(r: dict) -> tuple[str, ...]:
+    """The modules whose code shapes this run's weights: the metadata encoding too when a branch trains on it."""
+    return TRAINING_SOURCES + (("clinical.py",) if r["metadata"] == "joint" else ())
+
+
 def run_key_parts(r: dict, cfg: dict, data: dict) -> dict:
     """What identifies a training run: recipe, data content (the cache key covers images and resize), split,
     weights, the training code and the torch version."""
@@ -164,7 +164,19 @@ def run_key_parts(r: dict, cfg: dict, data: dict) -> dict:
             "max_train_images": str(cfg["max_train_images"]), "cache": data["cache"]["path"].name,
             "split": hashlib.sha256((data["dirs"]["reports"] / "split.csv").read_bytes()).hexdigest()[:16],
             "torch": torch.__version__,
-            **{f"source {f}": hashlib.sha256((SOURCE_DIR / f).read_bytes()).hexdigest()[:16] for f in TRAINING_SOURCES}}
+            **{f"source {f}": hashlib.sha256((SOURCE_DIR / f).read_bytes()).hexdigest()[:16]
+               for f in training_sources(r)}}
+
+
+def clinical_features(r: dict, data: dict) -> tuple[dict | None, dict]:
+    """For a ``joint`` run: the encoder (fitted on the training rows) as saved in the checkpoint, and
+    ``{split: N x features float tensor}`` in the tensors' row order. Otherwise ``(None, {})``."""
+    if r["metadata"] != "joint":
+        return None, {}
+    df = data["df"]
+    encoder = C.ClinicalEncoder.fit(df[df.split == "train"])
+    feats = {s: torch.from_numpy(encoder.transform(df[df.split == s])) for s in D.SPLITS}
+    return dict(mode="joint", encoder=encoder.to_dict(), features=encoder.names), feats
 
 
 def run_key(parts: dict) -> str:
@@ -201,7 +213,12 @@ def train_or_load(cfg: dict, r: dict, data: dict, progress: bool = True):
     models = data["dirs"]["models"] / cfg["name"]
     ckpt_dir = models / f"{run}-{run_key(parts)}"
     final = ckpt_dir / "model.pt"
+    if not final.exists():  # one writer per run: hold the folder's lock (runlock), or wait and load the holder's
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        runlock.release_all(except_folder=ckpt_dir)  # this process has moved on from any earlier run
+        runlock.claim(ckpt_dir, final)
     if final.exists():  # finished: the best weights are kept once, in model.pt
+        runlock.release_all()
         os.utime(ckpt_dir)  # "last used": superseded() keeps the folder a profile uses now
         model, meta = load_trained(final)
         return model, pd.DataFrame(meta["history"]), meta["info"], ckpt_dir
@@ -214,12 +231,19 @@ def train_or_load(cfg: dict, r: dict, data: dict, progress: bool = True):
     keep = subsample(train_df, cfg["max_train_images"], r["seed"])
     mask = torch.tensor(train_df.image_id.isin(keep.image_id).to_numpy())
     x_train, y_train = data["tensors"]["train"]
+    clinical, feats = clinical_features(r, data)
     seed_everything(r["seed"])  # the initial weights too, not only fit's shuffling and augmentation
     model = build_model(r["arch"], len(data["classes"]), cfg["weights"], r["freeze_backbone"], r["head"],
-                        r["dropout"])
+                        r["dropout"], meta_features=len(clinical["features"]) if clinical else 0)
+    train = (x_train[mask], y_train[mask]) + ((feats["train"][mask],) if clinical else ())
+    val = data["tensors"]["val"] + ((feats["val"],) if clinical else ())
     t0 = time.perf_counter()
-    model, history, info = fit(model, (x_train[mask], y_train[mask]), data["tensors"]["val"], r, ckpt_dir,
-                               device=pick_device(cfg["device"]), progress=progress)
+    try:  # the lock stays held until run_recipe has written model.pt (released by the next run or the process)
+        model, history, info = fit(model, train, val, r, ckpt_dir, device=pick_device(cfg["device"]),
+                                   progress=progress)
+    except BaseException:
+        runlock.release(ckpt_dir)
+        raise
     info.update(wall_seconds=time.perf_counter() - t0, train_images=int(mask.sum()))
     return model, history, info, ckpt_dir
 
@@ -227,38 +251,63 @@ def train_or_load(cfg: dict, r: dict, data: dict, progress: bool = True):
 def run_recipe(cfg: dict, arch: str, recipe_name: str, data: dict, seed: int | None = None,
                progress: bool = True) -> dict:
     """Train (or resume, or load) ``arch`` with a recipe of the profile and one training seed; evaluate on val and
-    test; write reports under ``reports/<arch>_<recipe>_s<seed>/``."""
+    test; write reports under ``reports/<arch>_<recipe>_s<seed>/``.
+
+    With ``metadata: late`` the run also gets its fused twin, ``reports/<run>_meta/`` (``result["twin"]``): the
+    same network fused with a metadata model of age, sex and site (``clinical``), fitted on the training split with
+    its weight chosen on validation, saved inside the same checkpoint."""
     r = get_recipe(cfg, arch, recipe_name, seed)
     classes, df, tensors = data["classes"], data["df"], data["tensors"]
-    run = r["run_name"]
-    out = data["dirs"]["reports"] / run
-    out.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg["device"])
     model, history, info, ckpt_dir = train_or_load(cfg, r, data, progress)
-
+    clinical, feats = clinical_features(r, data)
     probs = {s: predict_proba(model, tensors[s][0], cfg["eval_batch_size"], device, tta=r["tta"],
-                              size=cfg["image_size"]) for s in ("val", "test")}
+                              size=cfg["image_size"], meta=feats.get(s)) for s in ("val", "test")}
+    if r["metadata"] == "late":  # fitted on train, weight chosen on validation: no test label is read
+        clinical = C.fit_late_fusion(df, probs["val"], len(classes))
+    meta = dict(arch=arch, recipe=recipe_name, seed=r["seed"], model_name=f"{arch}_{recipe_name}",
+                classes=list(classes), task=cfg["task"], image_size=cfg["image_size"], head=r["head"],
+                dropout=r["dropout"], weights=cfg["weights"], freeze_backbone=r["freeze_backbone"], tta=r["tta"],
+                select_metric=r["select_metric"], recipe_settings=r, profile=cfg["name"], clinical=clinical,
+                uses_metadata=r["metadata"] == "joint", provenance=data["provenance"], info=info)
+    model_path = ckpt_dir / "model.pt"
+    meta["checkpoint"] = str(model_path)
+    result = report_run(cfg, data, r, r["run_name"], probs, meta, model, history, info, feats)
+    result["twin"] = None
+    if r["metadata"] == "late":
+        fused = {s: C.late_fusion_proba(clinical, probs[s], df[df.split == s]) for s in probs}
+        twin_meta = {**meta, "model_name": f"{arch}_{recipe_name} + metadata", "uses_metadata": True,
+                     "fusion": "late", "image_run": r["run_name"]}
+        result["twin"] = report_run(cfg, data, r, f"{r['run_name']}_meta", fused, twin_meta, model, history, info,
+                                    feats, figures=("evaluation", "reliability"))
+        # The fused model's own decision rule travels with it in the checkpoint.
+        clinical.update(decision_bias=result["twin"]["meta"]["decision_bias"],
+                        malignancy_threshold=result["twin"]["meta"]["malignancy_threshold"])
+    if not model_path.exists():
+        saved = {k: v for k, v in result["meta"].items() if k != "checkpoint"}
+        save_trained(model, {**saved, "clinical": clinical, "history": history.to_dict("records")}, model_path)
+        (ckpt_dir / "last.pt").unlink(missing_ok=True)  # finished: optimiser state is no longer needed
+    return result
+
+
+def report_run(cfg: dict, data: dict, r: dict, run: str, probs: dict, meta: dict, model, history, info, feats,
+               figures=None) -> dict:
+    """Decision rule, metrics and files of one reported model (an image run or its fused twin) from its
+    validation and test probabilities, under ``reports/<run>/``."""
+    classes, df, tensors = data["classes"], data["df"], data["tensors"]
+    out = data["dirs"]["reports"] / run
+    out.mkdir(parents=True, exist_ok=True)
     # The decision rule: plain argmax, or logit adjustment with tau chosen on validation (never on test).
     prior = np.bincount(tensors["train"][1].numpy(), minlength=len(classes)) / len(tensors["train"][1])
     tau, sweep = choose_tau(probs["val"], tensors["val"][1].numpy(), prior) if r["logit_adjust"] else (0.0, [])
     bias = decision_bias(prior, tau).tolist() if tau else None
-    info.update(logit_adjust_tau=tau, logit_adjust_sweep=sweep)
+    info = {**info, "logit_adjust_tau": tau, "logit_adjust_sweep": sweep}
     preds = {s: predictions_frame(df[df.split == s], probs[s], classes, bias) for s in probs}
     threshold = M.threshold_for_sensitivity(*M.malignancy_score(preds["val"], classes), target=0.95) \
         if M.has_malignancy_view(classes) else None
     table = M.summary_with_ci(preds["test"], classes, threshold=threshold, val_pred=preds["val"],
                               n_boot=cfg["bootstrap"], seed=0)
-
-    meta = dict(arch=arch, recipe=recipe_name, seed=r["seed"], run_name=run, model_name=f"{arch}_{recipe_name}",
-                classes=list(classes), task=cfg["task"], image_size=cfg["image_size"], head=r["head"],
-                dropout=r["dropout"], weights=cfg["weights"], freeze_backbone=r["freeze_backbone"], tta=r["tta"],
-                select_metric=r["select_metric"], recipe_settings=r, profile=cfg["name"],
-                malignancy_threshold=threshold, decision_bias=bias, provenance=data["provenance"], info=info)
-    model_path = ckpt_dir / "model.pt"
-    if not model_path.exists():
-        save_trained(model, {**meta, "history": history.to_dict("records")}, model_path)
-        (ckpt_dir / "last.pt").unlink(missing_ok=True)  # finished: optimiser state is no longer needed
-    meta["checkpoint"] = str(model_path)
+    meta = {**meta, "run_name": run, "malignancy_threshold": threshold, "decision_bias": bias, "info": info}
 
     history.to_csv(out / "history.csv", index=False)
     for s, p in preds.items():
@@ -266,18 +315,35 @@ def run_recipe(cfg: dict, arch: str, recipe_name: str, data: dict, seed: int | N
     table.to_csv(out / "metrics.csv", index=False, float_format="%.4f")
     M.classification_table(preds["test"], classes).to_csv(out / "classification_report.csv", float_format="%.4f")
     (out / "model_card.md").write_text(model_card(meta, table))
-    (out / "run.json").write_text(json.dumps({**meta, "checkpoint": os.path.relpath(model_path, out)},
+    (out / "run.json").write_text(json.dumps({**meta, "checkpoint": os.path.relpath(meta["checkpoint"], out)},
                                              indent=1, default=str))
-    result = dict(run=run, arch=arch, recipe=recipe_name, seed=r["seed"], model=model, history=history, info=info,
-                  meta=meta, preds=preds, metrics=table, threshold=threshold, out=out)
-    result["figures"] = run_figures(result, data, cfg)
+    result = dict(run=run, arch=meta["arch"], recipe=meta["recipe"], seed=r["seed"], model=model, history=history,
+                  info=info, meta=meta, preds=preds, metrics=table, threshold=threshold, out=out)
+    result["figures"] = run_figures(result, data, cfg, feats.get("test"), figures)
     return result
 
 
-def run_model(cfg: dict, arch: str, recipes, data: dict, progress: bool = True) -> dict:
-    """Every (recipe, seed) run of one model notebook: ``{run_name: result}``."""
-    return {f"{arch}_{name}_s{seed}": run_recipe(cfg, arch, name, data, seed, progress)
-            for name in recipes for seed in recipe_seeds(cfg, arch, name)}
+def run_model(cfg: dict, arch: str, recipes, data: dict, progress: bool = True, executor: str | None = None) -> dict:
+    """Every (recipe, seed) run of one model notebook: ``{run_name: result}``, fused twins included.
+
+    ``executor`` (else ``$HAM_EXECUTOR``, else the profile's ``executor``): ``local`` trains the runs here, one after
+    another; ``ray`` sends each run to a Ray cluster as one task (``helpers.runs``) and reads its results back from
+    the run's folders on disk (those results hold no ``model``: ``meta["checkpoint"]`` loads it)."""
+    from .runs import resolve_executor  # Ray itself is imported only by the ray executor
+
+    if resolve_executor(cfg, executor) == "ray":
+        from .runs import run_model_ray
+
+        return run_model_ray(cfg, arch, recipes, data, progress)
+    results = {}
+    for name in recipes:
+        for seed in recipe_seeds(cfg, arch, name):
+            res = run_recipe(cfg, arch, name, data, seed, progress)
+            results[res["run"]] = res
+            if res["twin"] is not None:
+                results[res["twin"]["run"]] = res["twin"]
+    runlock.release_all()  # every model.pt is written: the runs' folders are free for other processes
+    return results
 
 
 def check_runs(results: dict, data: dict) -> str:
@@ -300,27 +366,33 @@ def check_runs(results: dict, data: dict) -> str:
                               for n, r in results.items())
 
 
-def run_figures(result: dict, data: dict, cfg: dict) -> dict:
-    """The per-model figures, saved as PNG under the run's report folder; returns {name: path}."""
+def run_figures(result: dict, data: dict, cfg: dict, test_meta=None, which=None) -> dict:
+    """The per-model figures, saved as PNG under the run's report folder; returns {name: path}. ``which``: a subset
+    of names (a fused twin shares its network's curves and Grad-CAM, so it draws only its own evaluation)."""
     classes, out, run = data["classes"], result["out"], result["run"]
     title = f"{run} — {provenance_line(data['provenance'])}"
     test_df = data["df"][data["df"].split == "test"].reset_index(drop=True)
     test_images = data["tensors"]["test"][0]
-    figs = {
-        "curves": P.history_curves(result["history"], f"Training curves: {title}",
-                                   best_epoch=result["info"]["best_epoch"]),
-        "evaluation": P.evaluation_panel(result["preds"]["test"], classes, f"Test split: {title}"),
-        "reliability": P.reliability_diagram(result["preds"]["test"], classes, f"Calibration (test): {run}"),
-        "errors": P.error_grid(test_images.numpy(), result["preds"]["test"], classes, n=16,
-                               title=f"Most confident test errors: {run}"),
+    which = set(which or ("curves", "evaluation", "reliability", "errors", "gradcam"))
+    draw = {
+        "curves": lambda: P.history_curves(result["history"], f"Training curves: {title}",
+                                           best_epoch=result["info"]["best_epoch"]),
+        "evaluation": lambda: P.evaluation_panel(result["preds"]["test"], classes, f"Test split: {title}"),
+        "reliability": lambda: P.reliability_diagram(result["preds"]["test"], classes, f"Calibration (test): {run}"),
+        "errors": lambda: P.error_grid(test_images.numpy(), result["preds"]["test"], classes, n=16,
+                                       title=f"Most confident test errors: {run}"),
     }
+    figs = {name: fn() for name, fn in draw.items() if name in which}
+    if "gradcam" not in which:
+        return {name: P.save(fig, out / f"{name}.png") for name, fig in figs.items()}
     # Grad-CAM on a few test images per class: where the network looked for its predicted class.
     pick = np.concatenate([np.flatnonzero(test_df.label.to_numpy() == k)[:cfg["gradcam_per_class"]]
                            for k in range(len(classes))])
     model = result["model"]
     x = test_images[pick]
     device = next(model.parameters()).device
-    heat = gradcam(model, to_input(x.to(device), cfg["image_size"]), last_conv_layer(model))
+    heat = gradcam(model, to_input(x.to(device), cfg["image_size"]), last_conv_layer(model),
+                   meta=None if test_meta is None else test_meta[pick])
     figs["gradcam"] = P.gradcam_grid(x.numpy(), heat, test_df.label.to_numpy()[pick],
                                      result["preds"]["test"].pred.to_numpy()[pick], classes,
                                      title=f"Grad-CAM (test images): {run}")
@@ -328,7 +400,7 @@ def run_figures(result: dict, data: dict, cfg: dict) -> dict:
 
 
 RECIPE_KEYS = ["head", "freeze_backbone", "optimizer", "lr", "schedule", "batch_size", "epochs",
-               "resolution_schedule", "augment", "label_smoothing", "tta", "select_metric", "patience"]
+               "resolution_schedule", "augment", "label_smoothing", "tta", "metadata", "select_metric", "patience"]
 
 
 def recipe_table(cfg: dict, arch: str, recipes, num_classes: int) -> pd.DataFrame:

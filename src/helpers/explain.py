@@ -29,25 +29,28 @@ def last_conv_layer(model: nn.Module) -> nn.Module:
 
 
 def gradcam(model: nn.Module, x_normalised: torch.Tensor, target_layer: nn.Module,
-            class_idx: int | Sequence[int] | torch.Tensor | None = None) -> np.ndarray:
+            class_idx: int | Sequence[int] | torch.Tensor | None = None, meta: torch.Tensor | None = None) -> np.ndarray:
     """Grad-CAM maps, N x H x W in [0, 1] at the input's size, each image scaled so its maximum is 1.
 
     x_normalised: the batch exactly as the model sees it (normalised, on the model's device). class_idx: one class
     for all images, one per image, or None for each image's predicted class. The model runs in eval mode (dropout
     off, BatchNorm on running statistics) and is put back in its previous mode; no gradients are left on its
-    parameters. An image whose map is zero everywhere (nothing raises the score) stays all zero.
+    parameters. An image whose map is zero everywhere (nothing raises the score) stays all zero. ``meta``: the
+    images' encoded metadata, for a model with a metadata branch (held fixed: the map explains the image part).
     """
     was_training = model.training
     model.eval()
     x = x_normalised.detach().clone()
+    extra = () if meta is None else (meta.to(x.device),)
     try:
         with torch.enable_grad():
             if class_idx is None:
                 with torch.no_grad():
-                    target = model(x).argmax(dim=1)
+                    target = model(x, *extra).argmax(dim=1)
             else:
                 target = torch.as_tensor(class_idx, device=x.device).expand(len(x))
-            cam = LayerGradCam(model, target_layer).attribute(x, target=target, relu_attributions=True)
+            cam = LayerGradCam(model, target_layer).attribute(x, target=target, relu_attributions=True,
+                                                              additional_forward_args=extra or None)
             cam = LayerAttribution.interpolate(cam, tuple(x.shape[-2:]), interpolate_mode="bilinear")
     finally:
         model.zero_grad(set_to_none=True)

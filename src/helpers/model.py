@@ -135,6 +135,36 @@ def linear_head(in_features: int, num_classes: int, dropout: float = 0.0) -> nn.
         nn.Linear(in_features, num_classes)
 
 
+def make_head(head: str, in_features: int, num_classes: int, dropout: float = 0.0) -> nn.Module:
+    if head == "mlp":
+        return mlp_head(in_features, num_classes)
+    if head == "linear":
+        return linear_head(in_features, num_classes, dropout)
+    raise ValueError(f"head must be 'mlp' or 'linear', not {head!r}")
+
+
+class MetadataResNet(nn.Module):
+    """Image + metadata, trained end to end (the ``joint`` option): a small branch turns the encoded age, sex and
+    site (``clinical.ClinicalEncoder``) into ``hidden`` features, which join the image network's pooled features
+    before the head. ``forward(x, meta)``; ``net`` is a plain ResNet whose own ``fc`` is unused."""
+
+    def __init__(self, net: ResNet, meta_features: int, num_classes: int, head: str = "linear",
+                 dropout: float = 0.0, hidden: int = 32):
+        super().__init__()
+        self.net = net
+        self.net.fc = nn.Identity()
+        self.meta = nn.Sequential(nn.Linear(meta_features, hidden), nn.ReLU(inplace=True))
+        self.fc = make_head(head, net.num_features + hidden, num_classes, dropout)
+        self.meta_features = meta_features
+
+    @property
+    def layer4(self):  # the layer Grad-CAM explains, as on a plain ResNet
+        return self.net.layer4
+
+    def forward(self, x, meta):
+        return self.fc(torch.cat([self.net.features(x), self.meta(meta.to(x.dtype))], 1))
+
+
 # ------------------------------------------------------------------------------------------------------- weights
 class WeightsError(RuntimeError):
     """Pretrained weights were asked for and are not available; the message says what to do."""
@@ -158,11 +188,12 @@ def imagenet_state_dict(arch: str) -> dict:
 
 def build_model(arch: str = "resnet34", num_classes: int = 7, weights: str | None = None,
                 freeze_backbone: bool = False, head: str = "linear", dropout: float = 0.0,
-                in_channels: int = 3) -> ResNet:
+                in_channels: int = 3, meta_features: int = 0) -> nn.Module:
     """A ResNet for the task.
 
     weights: ``"imagenet"`` (torchvision's, loaded strictly into our layout), ``None`` (random init) or a path to a
     state_dict / checkpoint saved by this project. head: ``"mlp"`` (the write-up's transfer head) or ``"linear"``.
+    ``meta_features > 0``: a ``MetadataResNet`` taking that many metadata features beside the image.
     A frozen backbone with random weights is refused: it would train a head on random features.
     """
     if freeze_backbone and weights is None:
@@ -171,12 +202,9 @@ def build_model(arch: str = "resnet34", num_classes: int = 7, weights: str | Non
     model = resnet(arch, 1000 if weights == "imagenet" else num_classes, in_channels)
     if weights == "imagenet":
         model.load_state_dict(imagenet_state_dict(arch), strict=True)
-    if head == "mlp":
-        model.fc = mlp_head(model.num_features, num_classes)
-    elif head == "linear":
-        model.fc = linear_head(model.num_features, num_classes, dropout)
-    else:
-        raise ValueError(f"head must be 'mlp' or 'linear', not {head!r}")
+    model.fc = make_head(head, model.num_features, num_classes, dropout)
+    if meta_features:
+        model = MetadataResNet(model, meta_features, num_classes, head, dropout)
     if weights not in (None, "imagenet"):
         path = Path(os.fspath(weights))
         if not path.exists():
@@ -189,10 +217,14 @@ def build_model(arch: str = "resnet34", num_classes: int = 7, weights: str | Non
     return model
 
 
-def freeze(model: ResNet) -> None:
-    """No gradients for anything but the head; ``train_mode`` keeps the backbone's BatchNorm in eval mode."""
+TRAINABLE_WHEN_FROZEN = ("fc", "meta")  # the head and the metadata branch
+
+
+def freeze(model: nn.Module) -> None:
+    """No gradients for anything but the head (and a metadata branch); ``train_mode`` keeps the backbone's
+    BatchNorm in eval mode."""
     for name, p in model.named_parameters():
-        p.requires_grad = name.startswith("fc.")
+        p.requires_grad = name.split(".")[0] in TRAINABLE_WHEN_FROZEN
     model.frozen_backbone = True
 
 
@@ -201,7 +233,7 @@ def train_mode(model: nn.Module) -> None:
     model.train()
     if getattr(model, "frozen_backbone", False):
         for name, m in model.named_children():
-            if name != "fc":
+            if name not in TRAINABLE_WHEN_FROZEN:
                 m.eval()
 
 
@@ -221,14 +253,20 @@ def save_trained(model: nn.Module, meta: dict, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[ResNet, dict]:
-    """One call back from a saved run: ``model, meta = load_trained("models/.../model.pt")`` (model in eval mode)."""
+def load_trained(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """One call back from a saved run: ``model, meta = load_trained("models/.../model.pt")`` (model in eval mode).
+
+    The only loader: ``predict``, ``external`` and the pipeline all come through here. A model that uses metadata
+    carries it in ``meta["clinical"]``: the encoder's categories and scaling (``joint``), or the fitted metadata
+    model and fusion weight (``late``)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} not found (models/ is filled by running the model notebooks)")
     saved = torch.load(path, map_location="cpu", weights_only=False)
     meta = saved["meta"]
-    head = {"seed": "mlp"}.get(meta["head"], meta["head"])  # checkpoints from before the rename
-    model = build_model(meta["arch"], len(meta["classes"]), None, False, head, meta.get("dropout", 0.0))
+    clinical = meta.get("clinical") or {}
+    meta_features = len(clinical["features"]) if clinical.get("mode") == "joint" else 0
+    model = build_model(meta["arch"], len(meta["classes"]), None, False, meta["head"], meta.get("dropout", 0.0),
+                        meta_features=meta_features)
     model.load_state_dict(saved["model"], strict=True)
     return model.to(device).eval(), meta

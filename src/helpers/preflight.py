@@ -31,7 +31,6 @@ from pathlib import Path
 from . import config
 from .config import PROFILE_DIR, profile_names, project_root
 
-COMMITTED_PROFILE = "cpu"  # its reports are the checkout's reports/ and README's results block
 MARKER = ".made-by-run_all"
 MARKER_TEXT = ("This folder was made by run_all.sh, which may replace its contents (except _partial/, benchmark* "
                "and dot-files)\non the next successful run. It refuses to replace a non-empty folder without this "
@@ -51,27 +50,9 @@ class PreflightError(Exception):
 
 
 # ------------------------------------------------------------------------------------------------ choices
-def cuda_visible() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def default_profile(cuda: bool | None = None) -> tuple[str, str]:
-    """The profile to run when none is given, and why: ``full`` when CUDA is visible, else ``cpu`` (``quick``
-    in a checkout without a ``cpu`` profile). ``$HAM_PROFILE`` is the caller's to honour before this."""
-    cuda = cuda_visible() if cuda is None else cuda
-    if cuda:
-        import torch
-
-        try:
-            name = torch.cuda.get_device_name(0)
-        except RuntimeError:  # asked with cuda=True where no driver answers (tests, odd set-ups)
-            name = "a CUDA device"
-        return "full", f"CUDA visible: {name}"
-    if COMMITTED_PROFILE in profile_names():
-        return COMMITTED_PROFILE, "no CUDA visible"
-    return "quick", "no CUDA visible, and this checkout has no cpu profile"
+# The profile choice and the recipe API live in config (the notebooks import them from there); re-exported here for
+# the runner's callers.
+from .config import COMMITTED_PROFILE, cuda_visible, default_profile, known_archs, model_recipes  # noqa: E402,F401
 
 
 def choose_profile(given: str | None = None) -> tuple[str, str]:
@@ -81,39 +62,6 @@ def choose_profile(given: str | None = None) -> tuple[str, str]:
     if os.environ.get("HAM_PROFILE"):
         return os.environ["HAM_PROFILE"], "from $HAM_PROFILE"
     return default_profile()
-
-
-def known_archs() -> tuple[str, ...]:
-    """model.py's architectures, shallow to deep."""
-    from .model import ARCHS
-
-    return tuple(sorted(ARCHS, key=lambda a: int(re.sub(r"\D", "", a) or 0)))
-
-
-def model_recipes(cfg: dict, arch: str, recipes=None) -> list[str]:
-    """The recipes a model notebook trains for ``arch``: ``recipes`` as given (a name or a list), else the profile's
-    list for ``arch`` (an empty list: the profile trains no such model), else (an architecture the profile does
-    not list) every recipe of the profile. An unknown architecture or recipe name is refused with a ValueError
-    naming the choices."""
-    archs = known_archs()
-    if arch not in archs:
-        raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(archs)}.")
-    known = list(cfg.get("recipes") or {})
-    if recipes is None:
-        models = cfg.get("models") or {}
-        if arch in models:  # the profile's list, maybe empty: this profile trains no such model
-            return list(models[arch] or [])
-        recipes = known  # an architecture the profile does not list: every recipe of the profile
-    elif isinstance(recipes, str):
-        recipes = [recipes]
-    recipes = list(recipes)
-    if not recipes:
-        raise ValueError(f"no recipes to train for {arch}: name one or more of {', '.join(known)}.")
-    unknown = [r for r in recipes if r not in known]
-    if unknown:
-        raise ValueError(f"unknown recipe{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))} for "
-                         f"profile {cfg.get('name', '?')!r}: choose from {', '.join(known)}.")
-    return recipes
 
 
 def papermill_params(args) -> dict:
@@ -258,41 +206,116 @@ def check_gpu(profile: str, cfg: dict) -> None:
                                         f"or set ALLOW_CPU=1 to run full anyway.")
 
 
-# --------------------------------------------------------------------------------------------- the estimate
-def measure_step(arch: str, size: int, batch: int, freeze: bool = False, steps: int = 3, device=None) -> float:
-    """Seconds per training step of ``arch`` (random init, 7 classes) at ``size`` x ``size``, batch ``batch``:
-    forward, cross-entropy, backward, AdamW; channels_last and autocast as the training loop runs. One untimed
-    warm-up step, then the fastest of ``steps`` timed ones (the least disturbed by other work; a step over 5 s is
-    timed once)."""
-    import torch
-    import torch.nn.functional as F
+def _ray_endpoint(address: str) -> tuple[str, int] | None:
+    """(host, port) of a RAY_ADDRESS such as ``10.0.0.5:6379`` or ``ray://head:10001``; None for ``auto``/``local``."""
+    from urllib.parse import urlparse
 
-    from .device import autocast, pick_device
-    from .model import resnet
+    if address in ("auto", "local"):
+        return None
+    u = urlparse(address if "://" in address else f"gcs://{address}")
+    return u.hostname or "localhost", u.port or (10001 if u.scheme == "ray" else 6379)
+
+
+def check_executor(profile: str, cfg: dict, params: dict) -> str | None:
+    """With ``executor: ray`` (the profile's, ``$HAM_EXECUTOR`` or ``-p executor``): Ray is installed, the cluster
+    at ``$RAY_ADDRESS`` answers, and a GPU profile finds GPUs there; a run's CPUs fit on a node. Returns a line
+    about the cluster (the notebooks' runs go there, so the local GPU check does not apply), or None for local."""
+    from . import runs as R
+
+    try:
+        executor = R.resolve_executor(cfg, params.get("executor"))
+    except ValueError as e:
+        raise PreflightError(str(e), "-p executor / $HAM_EXECUTOR / the profile's executor: use local or ray.") \
+            from None
+    if executor != "ray":
+        return None
+    try:
+        import ray
+    except ImportError:
+        raise PreflightError(f"executor ray: Ray is not installed in this environment ({sys.executable}).",
+                             R.RAY_REMEDY + ".") from None
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    where = f"the Ray cluster at RAY_ADDRESS={address}" if address else "a local Ray instance (no RAY_ADDRESS)"
+    if address:
+        endpoint = _ray_endpoint(address)
+        reachable = (Path("/tmp/ray/ray_current_cluster").exists() if address == "auto" else True) \
+            if endpoint is None else _can_connect(*endpoint)
+        if not reachable:
+            raise PreflightError(f"executor ray: {where} cannot be reached.",
+                                 f"RAY_ADDRESS={address}: start the cluster (ray start --head, KubeRay, ray up; "
+                                 f"docs/scale-out.md) or fix the address; unset it to use a local Ray here.")
+        ray.init(address=address, log_to_driver=False, logging_level="ERROR")
+        try:
+            resources = ray.cluster_resources()
+            node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        finally:
+            ray.shutdown()
+    else:
+        import torch
+
+        resources = {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}
+        node_cpus = resources["CPU"]
+    cluster_gpus = resources.get("GPU", 0)
+    try:
+        gpus, cpus = R.gpus_per_run(cfg, cluster_gpus), R.cpus_per_run(cfg)
+    except ValueError as e:
+        raise PreflightError(f"profile {profile!r}: {e}", f"{cfg['profile_file']}: fix gpus_per_run / cpus_per_run.") \
+            from None
+    gpu_profile = (profile == "full" and not os.environ.get("ALLOW_CPU")) or (cfg.get("gpus_per_run") not in
+                                                                               (None, "auto") and gpus > 0)
+    if gpu_profile and cluster_gpus == 0:
+        raise PreflightError(f"executor ray: profile {profile!r} wants a GPU per run and {where} has none "
+                             f"({resources.get('CPU', 0):g} CPUs).",
+                             f"RAY_ADDRESS: point it at a cluster with GPU nodes (docs/scale-out.md), or run the cpu "
+                             f"profile, or set ALLOW_CPU=1 (full) / gpus_per_run: 0 to run on its CPUs.")
+    if cpus > node_cpus:
+        raise PreflightError(f"executor ray: cpus_per_run {cpus:g} is more than any node of {where} has "
+                             f"({node_cpus:g}); no run could start.",
+                             f"{cfg['profile_file']}: lower cpus_per_run (or add larger nodes).")
+    return (f"executor ray: {where}, {resources.get('CPU', 0):g} CPUs and {cluster_gpus:g} GPUs; each run "
+            f"takes {cpus:g} CPU(s) and {gpus:g} GPU(s); one log per run in models/<profile>/<run>-<key>/worker.log")
+
+
+def _can_connect(host: str, port: int, timeout: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# --------------------------------------------------------------------------------------------- the estimate
+def measure_step(r: dict, size: int, steps: int = 3, device=None) -> float:
+    """Seconds per training step of recipe ``r`` at ``size`` x ``size``: the training loop's own step
+    (``train.training_step``: the recipe's optimiser, schedule, loss and augmentation, from a uint8 batch) on a
+    random-init model with 7 classes. One untimed warm-up step, then the fastest of ``steps`` timed ones (the least
+    disturbed by other work; a step over 5 s is timed once)."""
+    import torch
+
+    from .device import pick_device
+    from .model import build_model, freeze
+    from .train import training_step
 
     device = device or pick_device()
-    model = resnet(arch, num_classes=7).to(device).to(memory_format=torch.channels_last)
-    if freeze:
-        for n, p in model.named_parameters():
-            p.requires_grad_(n.startswith("fc."))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    x = torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, 7, (batch,), device=device)
+    model = build_model(r["arch"], 7, None, False, r["head"], r["dropout"]).to(device)
+    model.to(memory_format=torch.channels_last)
+    if r["freeze_backbone"]:
+        freeze(model)  # random weights are fine for timing; build_model refuses them only for training
+    batch = r["batch_size"]
+    labels = torch.arange(batch, device=device) % 7
+    step, *_ = training_step(model, r, device, labels, steps_per_epoch=10 * (steps + 1))
+    x = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
 
-    def step():
-        with autocast(device):
-            loss = F.cross_entropy(model(x).float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    def one():
+        step(x, labels, size)
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    step()
+    one()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        step()
+        one()
         times.append(time.perf_counter() - t0)
         if times[-1] > 5:
             break
@@ -314,19 +337,20 @@ def _machine() -> str:
 TIMING_MAX_AGE = 7 * 86400  # re-measure a week later (or delete data/cache/preflight_steps.json)
 
 
-def step_seconds(arch: str, size: int, batch: int, freeze: bool, measure=measure_step) -> tuple[float, bool]:
-    """(seconds per step, measured now?) from this machine's timing cache (under a week old), else measured and
-    cached."""
+def step_seconds(r: dict, size: int, measure=measure_step) -> tuple[float, bool]:
+    """(seconds per step of recipe ``r`` at ``size``, measured now?) from this machine's timing cache (under a week
+    old), else measured and cached."""
     cache = _timing_cache()
     try:
         known = json.loads(cache.read_text())
     except (OSError, ValueError):
         known = {}
-    key = f"{_machine()};{arch};{size};{batch};{'frozen' if freeze else 'full'}"
+    key = (f"{_machine()};{r['arch']};{size};{r['batch_size']};{'frozen' if r['freeze_backbone'] else 'full'};"
+           f"{r['optimizer']};{r['augment']}")
     entry = known.get(key)
     if isinstance(entry, dict) and time.time() - entry.get("time", 0) < TIMING_MAX_AGE:
         return entry["seconds"], False
-    s = measure(arch, size, batch, freeze)
+    s = measure(r, size)
     known[key] = {"seconds": s, "time": time.time()}
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -342,13 +366,13 @@ def step_seconds(arch: str, size: int, batch: int, freeze: bool, measure=measure
 # the comparison, and per run its evaluation, figures and Grad-CAM.
 FIXED_SECONDS = 150
 PER_RUN_SECONDS = 30
-AUGMENT_FACTOR = 1.15  # the recipe's augmentation and normalisation on the training batches
 
 
 def estimate_seconds(cfg: dict, runs, n_images: int | None = None, step=None) -> float:
     """Wall seconds for the profile: each run's epochs x steps at its resolution(s) (``resolution_schedule`` or
     the image size) and batch size, timed on this machine (``step(arch, size, batch, freeze) -> (s, measured)``),
     its validation each epoch and final evaluation (8 views when ``tta``), per training seed, plus fixed costs.
+    ``step(r, size) -> (seconds, measured now?)`` times the training loop's own step.
     ``n_images``: the dataset's size (HAM10000: 10,015, so 7,000 training images)."""
     step = step or step_seconds
     fractions = cfg.get("split_fractions") or (0.70, 0.15, 0.15)
@@ -365,9 +389,9 @@ def estimate_seconds(cfg: dict, runs, n_images: int | None = None, step=None) ->
         freeze = bool(r.get("freeze_backbone"))
         seconds = 0.0
         for stage_size, epochs in schedule:
-            s, _ = step(arch, int(stage_size), batch, freeze)
-            seconds += int(epochs) * math.ceil(n_train / batch) * s * AUGMENT_FACTOR
-        s_eval, _ = step(arch, size, batch, freeze)
+            s, _ = step(r, int(stage_size))
+            seconds += int(epochs) * math.ceil(n_train / batch) * s
+        s_eval, _ = step(r, size)
         per_image_forward = s_eval / batch / (1 if freeze else 3)  # forward ~ a third of a training step
         n_epochs = sum(int(e) for _, e in schedule)
         seconds += n_epochs * n_eval / 2 * per_image_forward  # validation after every epoch
@@ -516,7 +540,9 @@ def start(env_file: Path, given: str | None, pm_args) -> int:
     params = papermill_params(pm_args)
     try:
         cfg, runs = check_profile(profile, params)
-        check_gpu(profile, cfg)
+        cluster = check_executor(profile, cfg, params)  # executor ray: the runs' GPUs are the cluster's
+        if cluster is None:
+            check_gpu(profile, cfg)
         target = reports_target(profile)
         check_target(target)
         df = check_data(cfg, params)
@@ -528,7 +554,7 @@ def start(env_file: Path, given: str | None, pm_args) -> int:
         print(f"[run_all] {e.fix}")
         return 2
     first = f"[run_all] profile {profile} ({why})"
-    if os.environ.get("HAM_PREFLIGHT_TIMING", "1") != "0" and runs:
+    if os.environ.get("HAM_PREFLIGHT_TIMING", "1") != "0" and runs and cluster is None:  # ray: not this machine
         if sys.stdout.isatty():
             print(f"{first}: timing a few training steps ...", end="\r", flush=True)
         seconds = estimate_seconds(cfg, runs, len(df))
@@ -536,8 +562,9 @@ def start(env_file: Path, given: str | None, pm_args) -> int:
     if profile not in ("quick", "smoke"):
         first += f"; {TOUR}"
     print(first.ljust(100) if sys.stdout.isatty() else first, flush=True)
-    if note:
-        print(f"[run_all] {note}")
+    for line in (cluster, note):
+        if line:
+            print(f"[run_all] {line}")
     stage = make_stage(target, profile)
     committed = profile == COMMITTED_PROFILE and target.resolve() == project_root().resolve() / "reports"
     env = dict(PROFILE=profile, OUT=str(target), STAGE=str(stage), UPDATE_README="1" if committed else "0")

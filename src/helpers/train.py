@@ -14,6 +14,7 @@ import os
 import random
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -22,9 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from .augment import Preprocess
-from .config import resolve_recipe
+from .config import SELECT_METRICS, compile_allowed, headless, resolve_recipe
 from .device import amp_dtype, autocast, pick_device
-from .evaluate import SELECT_METRICS, predict_proba, val_scores
+from .evaluate import predict_proba, val_scores
 from .model import count_parameters, train_mode
 
 
@@ -64,7 +65,14 @@ def set_rng_state(state: dict, generator: torch.Generator) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- pieces
-def _optimizer(params, r, device=torch.device("cpu")):
+def class_weights(labels: torch.Tensor, num_classes: int | None = None) -> torch.Tensor:
+    """Inverse-frequency weights for the loss (``class_weighting: balanced``): n / (classes x count), so a class
+    seen half as often weighs twice as much; a class absent from ``labels`` gets the weight of one image."""
+    counts = torch.bincount(labels, minlength=num_classes or int(labels.max()) + 1).float()
+    return counts.sum() / (len(counts) * counts.clamp(min=1))
+
+
+def make_optimizer(params, r, device=torch.device("cpu")):
     # On CUDA the fused kernels keep Adam's step counters on the device: no host loop, no reads per step.
     fused = {"fused": True} if device.type == "cuda" else {}
     if r["optimizer"] == "adam":
@@ -74,7 +82,7 @@ def _optimizer(params, r, device=torch.device("cpu")):
     return torch.optim.SGD(params, lr=r["lr"], momentum=r["momentum"], weight_decay=r["weight_decay"], nesterov=True)
 
 
-def _scheduler(opt, r, steps_per_epoch):
+def make_scheduler(opt, r, steps_per_epoch):
     total = r["epochs"] * steps_per_epoch
     if r["schedule"] == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=r["lr"], total_steps=total, pct_start=0.25)
@@ -111,6 +119,63 @@ def optimizer_step(opt, sched, scaler) -> bool:
     return stepped
 
 
+def make_step(model, opt, sched, scaler, prep, r: dict, device: torch.device, class_weight=None, step_model=None,
+              amp: bool = True):
+    """THE training step, the one ``fit``, the benchmark and the run-time estimate all time and run:
+    ``step(x_uint8, y, size, meta=None) -> (loss, logits)``, both detached and left on the device (no host sync).
+
+    uint8 batch -> ``prep`` (resize to ``size``, augmentation, normalisation, channels_last) -> forward under the
+    device's autocast -> cross-entropy with the recipe's label smoothing and class weights -> backward -> optimiser
+    and schedule step. ``meta``: the batch's encoded metadata, for a model with a metadata branch. ``amp=False``:
+    fp32 whatever the device (the benchmark's write-up loop)."""
+    step_model = step_model or model
+
+    def step(x_uint8, y, size, meta=None):
+        x = prep(x_uint8, size, train=True)
+        with autocast(device) if amp else nullcontext():
+            logits = step_model(x) if meta is None else step_model(x, meta)
+            loss = F.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=r["label_smoothing"])
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        optimizer_step(opt, sched, scaler)
+        return loss.detach(), logits.detach()
+
+    return step
+
+
+def training_step(model, r: dict, device: torch.device, labels: torch.Tensor, steps_per_epoch: int,
+                  step_model=None):
+    """The recipe's whole step around ``model``: its optimiser, schedule, grad scaler, augmentation and class
+    weights (from ``labels``), put together by ``make_step``. Returns ``(step, opt, sched, scaler)``: ``fit``
+    trains with it, and the benchmark and the run-time estimate time exactly this."""
+    opt = make_optimizer([p for p in model.parameters() if p.requires_grad], r, device)
+    sched = make_scheduler(opt, r, steps_per_epoch)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device) == torch.float16)
+    prep = Preprocess(r["augment"]).to(device)
+    weight = class_weights(labels) if r["class_weighting"] == "balanced" else None
+    return make_step(model, opt, sched, scaler, prep, r, device, weight, step_model), opt, sched, scaler
+
+
+def train_one_epoch(step, x, y, meta, order, size: int, batch_size: int, check_every: int, on_step=None):
+    """One pass over ``order``; returns (summed loss, correct, all finite) as device tensors, read once by the
+    caller. The finite check is read on the host every ``check_every`` steps only; a non-finite loss ends the
+    epoch early."""
+    device = y.device
+    total_loss = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    finite = torch.ones((), device=device, dtype=torch.bool)
+    for i, idx in enumerate(order.split(batch_size)):
+        loss, logits = step(x[idx], y[idx], size, None if meta is None else meta[idx])
+        finite &= torch.isfinite(loss)
+        total_loss += loss * len(idx)
+        correct += (logits.argmax(1) == y[idx]).sum()
+        if (i + 1) % check_every == 0 and not bool(finite):  # one host read every check_every steps
+            break
+        if on_step is not None:
+            on_step()
+    return total_loss, correct, finite
+
+
 def _save(obj, path: Path) -> None:
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     torch.save(obj, tmp)
@@ -119,7 +184,7 @@ def _save(obj, path: Path) -> None:
 
 class EpochLog:
     """Progress that reads well in both places: a live bar with an ETA over all steps (terminal, JupyterLab) and a
-    compact line per epoch; headless runs (``HAM_HEADLESS=1``, set by run_all.sh) get the lines only, so the
+    compact line per epoch; headless runs (``config.headless()``: run_all.sh) get the lines only, so the
     rendered HTML shows a small table instead of blocks of progress output."""
 
     COLUMNS = ("epoch", "px", "train_loss", "train_acc", "val_loss", "val_acc", "val_bal_acc", "val_auc", "s")
@@ -127,7 +192,7 @@ class EpochLog:
     def __init__(self, name: str, total_steps: int, done_steps: int, enabled: bool):
         self.name, self.enabled, self.header = name, enabled, False
         self.bar = None
-        if enabled and not os.environ.get("HAM_HEADLESS"):
+        if enabled and not headless():
             from tqdm.auto import tqdm
             self.bar = tqdm(total=total_steps, initial=done_steps, desc=name, unit="step", leave=False,
                             mininterval=1.0, file=sys.stdout)
@@ -158,11 +223,11 @@ class EpochLog:
 # --------------------------------------------------------------------------------------------------- training
 def fit(model, train: tuple, val: tuple, recipe: dict, ckpt_dir: str | os.PathLike | None = None,
         device=None, progress: bool = True, stop_after_epochs: int | None = None):
-    """Train ``model`` on ``train=(uint8 images, labels)``, select on ``val``; returns ``(model, history, info)``.
+    """Train ``model`` on ``train=(uint8 images, labels[, metadata])``, select on ``val`` (same form); returns
+    ``(model, history, info)``. The metadata element (N x features, float) is for a model with a metadata branch.
 
-    With ``ckpt_dir``, ``last.pt`` is written after every epoch and an unfinished run found there is resumed; a
-    finished one with the same recipe is loaded instead of retrained. ``stop_after_epochs`` simulates an
-    interruption (for tests). The returned model holds the best epoch's weights.
+    With ``ckpt_dir``, ``last.pt`` is written after every epoch and an unfinished run found there is resumed.
+    ``stop_after_epochs`` simulates an interruption (for tests). The returned model holds the best epoch's weights.
     """
     r = resolve_recipe(recipe)
     device = pick_device(device) if device is None or isinstance(device, str) else device
@@ -172,23 +237,19 @@ def fit(model, train: tuple, val: tuple, recipe: dict, ckpt_dir: str | os.PathLi
         torch.backends.cudnn.benchmark = not r["deterministic"]
         torch.backends.cudnn.deterministic = r["deterministic"]
     generator = torch.Generator(device=device).manual_seed(r["seed"])
-    x_train, y_train = train
-    x_val, y_val = val
+    x_train, y_train, m_train = (*train, None)[:3]
+    x_val, y_val, m_val = (*val, None)[:3]
+    if (m_train is None) != (getattr(model, "meta_features", 0) == 0):
+        raise ValueError("a model with a metadata branch trains with metadata (train=(images, labels, metadata)), "
+                         "and a plain one without")
     # The uint8 images and their labels live on the device (the whole cache fits on a GPU): no loader, no host
     # copies per batch. On the CPU this is a no-op.
     x_train, y_train = x_train.to(device), y_train.to(device)
+    m_train = None if m_train is None else m_train.to(device)
     model.to(device).to(memory_format=torch.channels_last)
-    step_model = torch.compile(model) if r["compile"] and os.environ.get("HAM_COMPILE", "1") != "0" else model
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = _optimizer(params, r, device)
+    step_model = torch.compile(model) if r["compile"] and compile_allowed() else model
     steps_per_epoch = math.ceil(len(y_train) / r["batch_size"])
-    sched = _scheduler(opt, r, steps_per_epoch)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype(device) == torch.float16)
-    prep = Preprocess(r["augment"]).to(device)
-    class_weight = None
-    if r["class_weighting"] == "balanced":
-        counts = torch.bincount(y_train, minlength=int(y_train.max()) + 1).float()
-        class_weight = counts.sum() / (len(counts) * counts.clamp(min=1))
+    step, opt, sched, scaler = training_step(model, r, device, y_train, steps_per_epoch, step_model)
     sign = 1 if SELECT_METRICS[r["select_metric"]] else -1
 
     state = dict(epoch=0, history=[], best_score=-math.inf, best_epoch=0, best_state=None, bad_epochs=0, done=False)
@@ -212,32 +273,15 @@ def fit(model, train: tuple, val: tuple, recipe: dict, ckpt_dir: str | os.PathLi
         size = epoch_size(r, epoch)
         train_mode(model)
         t0 = time.perf_counter()
-        total_loss = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        finite = torch.ones((), device=device, dtype=torch.bool)
         order = _order(y_train, r, generator)
-        for step, idx in enumerate(order.split(r["batch_size"])):
-            x = prep(x_train[idx], size, train=True)
-            y = y_train[idx]
-            with autocast(device):
-                logits = step_model(x)
-                loss = F.cross_entropy(logits.float(), y, weight=class_weight, label_smoothing=r["label_smoothing"])
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            optimizer_step(opt, sched, scaler)
-            loss = loss.detach()
-            finite &= torch.isfinite(loss)
-            total_loss += loss * len(y)
-            correct += (logits.detach().argmax(1) == y).sum()
-            if (step + 1) % r["check_every"] == 0 and not bool(finite):  # one host read every check_every steps
-                break
-            log.step()
+        total_loss, correct, finite = train_one_epoch(step, x_train, y_train, m_train, order, size, r["batch_size"],
+                                                      r["check_every"], log.step)
         if not bool(finite):
             raise TrainingDiverged(f"{r['run_name']}: the loss became NaN or infinite in epoch {epoch}; the last good "
                                    f"checkpoint ({ckpt or 'none'}) is kept. Lower the lr?")
         seen = len(order)
         train_seconds = time.perf_counter() - t0
-        val = val_scores(predict_proba(model, x_val, device=device, size=r["image_size"]), y_val.numpy())
+        val = val_scores(predict_proba(model, x_val, device=device, size=r["image_size"], meta=m_val), y_val.numpy())
         prev = state["history"][-1]["train_seconds_cum"] if state["history"] else 0.0
         row = dict(epoch=epoch, image_size=size, train_loss=float(total_loss) / seen, train_acc=int(correct) / seen,
                    **val, lr=opt.param_groups[0]["lr"], seconds=time.perf_counter() - t0,
