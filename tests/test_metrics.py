@@ -402,3 +402,150 @@ def test_validation_score_definitions():
     assert M.validation_score(pred, DX, "val_loss") == pytest.approx(log_loss(y, probs), rel=1e-6)
     with pytest.raises(ValueError, match="select_metric"):
         M.validation_score(pred, DX, "test_auc")
+
+
+# ------------------------------------------------------------------------ strata, lesions, decision curve, baseline
+def strat_pred(n=600, seed=4):
+    """Random 7-class predictions, 1-3 images per lesion, with a dx_type per lesion."""
+    rng = np.random.default_rng(seed)
+    lesions = np.repeat(np.arange(n // 2), rng.integers(1, 4, n // 2))[:n]
+    labels = rng.choice(7, lesions.max() + 1, p=[.08, .08, .14, .04, .12, .5, .04])[lesions]
+    logits = rng.normal(size=(len(lesions), 7)) + 1.5 * np.eye(7)[labels]
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    pred = make_pred(probs, labels, lesions=[f"L{k}" for k in lesions])
+    pred["dx_type"] = rng.choice(["histo", "follow_up", "consensus"], lesions.max() + 1)[lesions]
+    return pred
+
+
+def test_breakdown_stratum_equals_sklearn_on_the_filtered_frame():
+    pred = strat_pred()
+    levels = pred.set_index("image_id")["dx_type"]
+    t = M.breakdown({"m": pred}, DX, levels, {"m": 0.3}, n_boot=30, seed=0, min_positives=5)
+    for stratum, sub in pred.groupby("dx_type"):
+        row = t[t.stratum == stratum].iloc[0]
+        y, p = sub.label.to_numpy(), M.prob_matrix(sub, DX)
+        eligible = [k for k in range(7) if sub.loc[y == k, "lesion_id"].nunique() >= 5]
+        assert row.auc_classes == " ".join(DX[k] for k in eligible)
+        assert row.auc == pytest.approx(np.mean([roc_auc_score(y == k, p[:, k]) for k in eligible]))
+        assert row.balanced_accuracy == pytest.approx(balanced_accuracy_score(y, sub.pred))
+        mal, score = np.isin(y, [0, 1, 4]), p[:, [0, 1, 4]].sum(1)
+        assert row.malignancy_auc == pytest.approx(roc_auc_score(mal, score))
+        assert row.sensitivity == pytest.approx(np.mean(score[mal] >= 0.3))
+        assert row.specificity == pytest.approx(np.mean(score[~mal] < 0.3))
+        assert (row.n_images, row.n_lesions) == (len(sub), sub.lesion_id.nunique())
+        assert row.n_malignant == sub.loc[mal, "lesion_id"].nunique()
+        assert row.auc_ci_low <= row.auc <= row.auc_ci_high
+
+
+def test_breakdown_undefined_metric_is_nan_not_an_error():
+    pred = strat_pred()
+    pred.loc[pred.dx_type == "follow_up", "label"] = 5  # follow-up: nevi only, as in HAM10000
+    t = M.breakdown({"m": pred}, DX, pred.set_index("image_id")["dx_type"], {"m": 0.3}, n_boot=20)
+    fu = t[t.stratum == "follow_up"].iloc[0]
+    assert np.isnan(fu.malignancy_auc) and np.isnan(fu.sensitivity) and np.isnan(fu.auc) and fu.n_malignant == 0
+    assert 0 <= fu.specificity <= 1 and fu.auc_classes == "–"
+
+
+def test_weighted_scores_equal_the_metrics_on_the_resampled_rows():
+    """The vectorised bootstrap (weights) gives exactly what scoring each resample's rows does."""
+    pred = strat_pred(300)
+    y, y_hat, p = pred.label.to_numpy(), pred.pred.to_numpy(), M.prob_matrix(pred, DX)
+    names = ["auc", "balanced_accuracy", "accuracy", "malignancy_auc", "sensitivity", "specificity", "ece", "recall_5"]
+    w = M._resample_weights(pred.lesion_id, 5, 0)
+    got = M._weighted_scores(y, y_hat, p, 7, names, w, malignant=[0, 1, 4], threshold=0.3)
+    for b, rows in enumerate(M._group_resamples(pred.lesion_id, 5, 0)):
+        sub = pred.iloc[rows]
+        s = M.summary(sub, DX, threshold=0.3)
+        want = [s["auc"], s["balanced_accuracy"], s["accuracy"], s["malignancy_auc"], s["sensitivity"],
+                s["specificity"], s["ece"], np.mean(sub.pred[sub.label == 5] == 5)]
+        assert got[b] == pytest.approx(want)
+
+
+def test_lesion_level_is_a_groupby_mean():
+    pred = strat_pred(200)
+    les = M.lesion_level(pred, DX).set_index("lesion_id")
+    cols = [f"p_{c}" for c in DX]
+    expected = pred.groupby("lesion_id")[cols].mean()
+    np.testing.assert_allclose(les.loc[expected.index, cols].to_numpy(), expected.to_numpy())
+    assert (les["pred"] == les[cols].to_numpy().argmax(1)).all()
+    assert (les.loc[expected.index, "n_images"] == pred.groupby("lesion_id").size()).all()
+    bad = pred.copy()
+    multi = bad.lesion_id.value_counts().index[bad.lesion_id.value_counts() > 1][0]
+    bad.loc[bad.index[bad.lesion_id == multi][0], "label"] = (bad.loc[bad.lesion_id == multi, "label"].iloc[0] + 1) % 7
+    with pytest.raises(ValueError, match="different labels"):
+        M.lesion_level(bad, DX)
+
+
+def test_within_lesion_disagreement_hand_case():
+    # lesion A: 2 images, same top-1, refer differs; B: 2 images, top-1 differs; C: one image (not counted)
+    probs = np.full((5, 7), 0.01)
+    probs[0, 5], probs[1, 5] = 0.9, 0.6
+    probs[1, 4] = 0.35  # malignancy score of image 1 above 0.3, of image 0 below
+    probs[2, 2], probs[3, 5], probs[4, 5] = 0.9, 0.9, 0.9
+    pred = make_pred(probs, [5, 5, 2, 2, 5], lesions=["A", "A", "B", "B", "C"])
+    d = M.within_lesion_disagreement(pred, DX, threshold=0.3)
+    assert d == {"multi_image_lesions": 2, "top1_disagreement": 0.5, "refer_disagreement": 0.5}
+
+
+def test_net_benefit_hand_case():
+    y = np.array([1, 1, 0, 0, 0, 1, 0, 0, 0, 0])
+    score = np.array([.9, .4, .35, .2, .05, .1, .6, .02, .3, .01])
+    for pt in (0.05, 0.25, 0.5):
+        refer = score >= pt
+        tp, fp = np.sum(refer & (y == 1)), np.sum(refer & (y == 0))
+        assert M.net_benefit(y, score, [pt])[0] == pytest.approx(tp / 10 - fp / 10 * pt / (1 - pt))
+    assert M.net_benefit(y, score, [0.25])[0] == pytest.approx(2 / 10 - 3 / 10 * (0.25 / 0.75))  # .9 .4 / .35 .6 .3
+    dc = M.decision_curve(make_pred(np.c_[score, np.zeros((10, 5)), 1 - score], np.where(y == 1, 0, 5)), DX,
+                          thresholds=[0.1, 0.2], n_boot=50)
+    assert dc["refer_all"].to_numpy() == pytest.approx(0.3 - 0.7 * np.array([0.1, 0.2]) / np.array([0.9, 0.8]))
+    assert (dc["ci_low"] <= dc["net_benefit"] + 1e-12).all() and (dc["refer_none"] == 0).all()
+
+
+def test_age_bands_and_subgroup_levels():
+    ages = [0, 29.9, 30, 44, 45, 59, 60, 74, 75, 90, np.nan, "unknown"]
+    assert list(M.age_band(ages)) == ["<30", "<30", "30-44", "30-44", "45-59", "45-59", "60-74", "60-74", ">=75",
+                                      ">=75", "unknown", "unknown"]
+    df = pd.DataFrame({"sex": ["male", "Female", None, "unknown"], "age": [1, 2, 3, 4],
+                       "localization": ["back", "back", "ear", "unknown"]})
+    assert list(M.subgroup_levels(df, "sex")) == ["male", "female", "unknown", "unknown"]
+    assert list(M.subgroup_levels(df, "site", min_images=2)) == ["back", "back", "other", "unknown"]
+
+
+def metadata_split(seed=0):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for split, n in (("train", 400), ("val", 150), ("test", 150)):
+        for k in range(n):
+            label = int(rng.choice(7, p=[.06, .06, .12, .04, .12, .55, .05]))
+            rows.append(dict(image_id=f"{split}{k}", lesion_id=f"{split}L{k}", label=label, split=split,
+                             age=np.nan if rng.random() < .05 else float(rng.integers(5, 90) + 5 * (label == 4)),
+                             sex=rng.choice(["male", "female", "unknown"], p=[.5, .45, .05]),
+                             localization=rng.choice(["back", "face", "trunk", "unknown"], p=[.4, .2, .3, .1])))
+    return pd.DataFrame(rows)
+
+
+def test_metadata_baseline_never_sees_validation_or_test_labels_for_its_coefficients():
+    split = metadata_split()
+    fit = M.metadata_baseline(split, DX)
+    assert fit["C"] in set(fit["sweep"]["C"]) and len(fit["test"]) == 150
+    permuted = split.copy()
+    rng = np.random.default_rng(1)
+    for s in ("val", "test"):
+        at = permuted.index[permuted.split == s]
+        permuted.loc[at, "label"] = rng.permutation(permuted.loc[at, "label"].to_numpy())
+    again = M.metadata_baseline(permuted, DX, C=fit["C"])  # given the chosen C: val and test labels play no part
+    np.testing.assert_array_equal(again["model"].coef, fit["model"].coef)
+    np.testing.assert_array_equal(again["model"].intercept, fit["model"].intercept)
+    only_test = split.copy()  # test labels never enter at all: not even the choice of C
+    at = only_test.index[only_test.split == "test"]
+    only_test.loc[at, "label"] = rng.permutation(only_test.loc[at, "label"].to_numpy())
+    third = M.metadata_baseline(only_test, DX)
+    assert third["C"] == fit["C"]
+    np.testing.assert_array_equal(third["model"].coef, fit["model"].coef)
+    np.testing.assert_allclose(third["test"][[f"p_{c}" for c in DX]], fit["test"][[f"p_{c}" for c in DX]])
+
+
+def test_argmax_predictions_ignore_the_saved_rule():
+    pred = random_pred()
+    rule = pred.assign(pred=(pred.pred + 1) % 7)
+    assert (M.argmax_predictions(rule, DX)["pred"] == pred["pred"]).all()

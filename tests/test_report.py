@@ -34,9 +34,13 @@ def split_frame(n_lesions=(140, 60, 60), seed=0):
     for split, n in zip(("train", "val", "test"), n_lesions):
         labels = np.r_[np.repeat(np.arange(7), 4), rng.choice(7, n - 28, p=[.04, .05, .11, .02, .1, .65, .03])]
         for k, label in enumerate(labels):
+            lesion = dict(dx_type=rng.choice(["histo", "follow_up", "consensus"]),
+                          age=np.nan if rng.random() < 0.05 else float(rng.integers(10, 90)),
+                          sex=rng.choice(["male", "female", "unknown"], p=[.5, .45, .05]),
+                          localization=rng.choice(["back", "face", "trunk", "unknown"]))
             for j in range(rng.integers(1, 4)):
                 rows.append(dict(image_id=f"{split}_{k}_{j}", lesion_id=f"{split}_L{k}", dx=DX[label], label=label,
-                                 split=split))
+                                 split=split, **lesion))
     return pd.DataFrame(rows)
 
 
@@ -154,12 +158,16 @@ def test_seed_aggregation_mean_and_spread(tmp_path):
     assert comp["display"].loc["resnet50_tuned", "Macro AUC"] == "0.700 [0.690, 0.710]"  # one seed: its CI
     spread = comp["seed_spread"].set_index("metric")
     assert set(comp["seed_spread"].model) == {"resnet34_tuned"}
-    assert spread.loc["auc", "range"] == pytest.approx(0.10) and spread.loc["accuracy", "sd"] == pytest.approx(
-        np.std([0.70, 0.76], ddof=1))
+    assert spread.loc["auc", "range"] == pytest.approx(0.10)
     text = comp["seed_spread_text"]
     assert "resnet34_tuned** over seeds 0, 1" in text and "test Macro AUC sd 0.071" in text and "noise floor" in text
     csv = pd.read_csv(reports / "compare" / "comparison.csv", index_col=0)
     assert csv.loc["resnet34_tuned", "auc_sd"] == pytest.approx(0.0707, abs=1e-4)
+    # accuracy is the plain argmax's, recomputed from the predictions; the recipe rule's (metrics.csv) beside it
+    argmax_acc = [M.accuracy(M.argmax_predictions(pd.read_csv(reports / f"resnet34_tuned_s{s}" / "predictions_test.csv"),
+                                                  DX)) for s in (0, 1)]
+    assert row["accuracy"] == pytest.approx(np.mean(argmax_acc), abs=1e-9)
+    assert row["accuracy_rule"] == pytest.approx(0.73) and csv.loc["resnet34_tuned", "accuracy_rule_max"] == 0.76
 
 
 def test_seed_spread_says_when_not_measured(study):
@@ -273,3 +281,104 @@ def test_beyond_noise_names_the_side_it_favours():
     assert R.beyond_noise(+0.03, 0.01) == "best ahead"
     assert R.beyond_noise(-0.031, 0.018) == "other ahead"  # the committed cpu run: resnet101 vs resnet50 accuracy
     assert R.beyond_noise(+0.03, 0.05) == "no" and R.beyond_noise(-0.2, 0.9) == "no"
+
+
+# --------------------------------------------------------------------------------- the review (issue 19)
+def test_comparison_has_argmax_rule_and_both_baselines(study):
+    comp = R.compare_runs(cfg(), study["reports"])
+    t = comp["table"]
+    assert R.METADATA_BASELINE in t.index and comp["baseline"] in t.index
+    assert {"Accuracy (argmax)", "Balanced acc. (argmax)", "Recipe rule", "Balanced acc. (recipe rule)"} <= set(
+        comp["display"].columns)
+    test = pd.read_csv(study["reports"] / "resnet50_tuned_s0" / "predictions_test.csv", dtype={"image_id": str})
+    assert t.loc["resnet50_tuned", "balanced_accuracy"] == pytest.approx(
+        M.balanced_accuracy(M.argmax_predictions(test, DX)))
+    low, high = t.loc[R.METADATA_BASELINE, ["auc_ci_low", "auc_ci_high"]]
+    assert low <= t.loc[R.METADATA_BASELINE, "auc"] <= high
+    assert t["is_best"].sum() == 1 and (t["select_metric"] == "val_auc").all()
+    assert (study["reports"] / "compare" / "paired_rule.csv").exists()
+
+
+def test_review_writes_every_table_and_figure(study):
+    comp = R.compare_runs(cfg(), study["reports"])
+    review = R.review_runs(comp, study["reports"], n_boot=30, min_site_images=20)
+    out = study["reports"] / "compare"
+    for f in ("by_reference_standard.csv", "subgroups.csv", "subgroups_forest.png", "unit_of_analysis.csv",
+              "per_class_recall.csv", "decision_curve.csv", "decision_curve.png", "roc_by_reference_standard.png"):
+        assert (out / f).exists(), f
+    # a stratum's metric is the metric on the filtered frame
+    ref = review["by_reference_standard"].set_index(["stratum", "run"])
+    test = pd.read_csv(study["reports"] / "resnet50_tuned_s0" / "predictions_test.csv", dtype={"image_id": str})
+    histo = test[test.image_id.isin(study["test"].image_id[study["test"].dx_type == "histo"])]
+    assert ref.loc[("histo", "resnet50_tuned_s0"), "balanced_accuracy"] == pytest.approx(
+        M.balanced_accuracy(M.argmax_predictions(histo, DX)))
+    assert ref.loc[("histo", "resnet50_tuned_s0"), "n_images"] == len(histo)
+    # the lesion rows are the groupby mean's metrics
+    unit = review["unit_of_analysis"].set_index(["run", "unit"])
+    les = M.lesion_level(M.argmax_predictions(test, DX), DX)
+    assert unit.loc[("resnet50_tuned_s0", "lesion"), "auc"] == pytest.approx(M.macro_auc(les, DX))
+    assert unit.loc[("resnet50_tuned_s0", "lesion"), "n_images"] == test.lesion_id.nunique()
+    sub = review["subgroups"]
+    assert set(sub.variable) == {"overall", "sex", "age", "site"} and set(sub.population) == {"all", "histo"}
+    assert set(sub.run) == {review["best_run"], R.BASELINE, R.METADATA_BASELINE}
+    summary = R.write_summary(cfg(), comp, study["reports"], review)
+    for words in ("plain argmax", "per image", "By reference standard", "descriptive", "patient identifier",
+                  "skin tone", "centre or device", "Decision curve", R.METADATA_BASELINE):
+        assert words in summary["text"], words
+    card = (study["reports"] / "resnet50_tuned_s0" / "model_card.md")
+    assert not card.exists() or "patient identifier" in card.read_text()
+
+
+def test_headline_reads_numbers_not_display_strings(study):
+    comp = R.compare_runs(cfg(), study["reports"])
+    R.review_runs(comp, study["reports"], n_boot=20, min_site_images=20)
+    before = R.headline(study["reports"])
+    assert "plain argmax" in before and "per image" in before and R.METADATA_BASELINE in before
+    assert f"{comp['table'].loc[comp['best'], 'auc']:.3f}" in before
+    shown = study["reports"] / "compare" / "comparison_ci.csv"
+    shown.write_text("model,garbage (selects)\nx,0.999 [0.1, 0.2]\n")  # the display table plays no part
+    assert R.headline(study["reports"]) == before
+    src = (ROOT / "src" / "helpers" / "report.py").read_text()
+    assert '" (selects)")' not in src and 'split("[", 1)' not in src
+
+
+def test_fused_twin_appears_and_is_paired_with_its_image_run(study):
+    reports = study["reports"]
+    src = reports / "resnet50_tuned_s0"
+    twin = reports / "resnet50_tuned_s0_meta"
+    twin.mkdir()
+    for f in ("predictions_val.csv", "predictions_test.csv", "metrics.csv"):
+        (twin / f).write_bytes((src / f).read_bytes())
+    meta = json.loads((src / "run.json").read_text())
+    meta.update(run_name="resnet50_tuned_s0_meta", model_name="resnet50_tuned + metadata", fusion="late",
+                image_run="resnet50_tuned_s0")
+    (twin / "run.json").write_text(json.dumps(meta))  # no history.csv: late fusion trains nothing
+    comp = R.compare_runs(cfg(), reports)
+    assert "resnet50_tuned + metadata" in comp["table"].index
+    assert comp["metadata_pairs"] == {"resnet50_tuned + metadata": "resnet50_tuned"}
+    pm = comp["paired_metadata"]
+    assert len(pm) == 3 and (pm.reference == "resnet50_tuned + metadata").all() and (pm.other == "resnet50_tuned").all()
+    assert np.allclose(pm["difference"], 0)  # identical predictions: no difference
+
+
+def test_one_run_discovery_and_one_select_metrics():
+    ext = (ROOT / "src" / "helpers" / "external.py").read_text()
+    assert "run_folders" not in ext and "R.find_runs(" in ext and 'glob("*/run.json")' not in ext
+    for module in ("metrics.py", "report.py"):
+        tree = ast.parse((ROOT / "src" / "helpers" / module).read_text())
+        assigned = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets
+                    if isinstance(t, ast.Name)}
+        assert "SELECT_METRICS" not in assigned, module
+    from helpers import config
+    assert M.SELECT_METRICS is config.SELECT_METRICS
+
+
+def test_table_one_counts_every_image_once_per_variable():
+    split = split_frame()
+    t1 = R.table_one(split)
+    counts = t1["counts"]
+    for variable, block in counts.groupby(level="variable"):
+        assert (block.sum() == [sum(split.split == s) for s in ("train", "val", "test")] + [len(split)]).all()
+    assert counts.loc[("age band", "missing (unknown)"), "all"] == split.age.isna().sum()
+    assert counts.loc[("sex", "missing (unknown)"), "all"] == (split.sex == "unknown").sum()
+    assert t1["display"].loc[("lesions", ""), "test"] == str(split[split.split == "test"].lesion_id.nunique())

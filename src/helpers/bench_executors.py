@@ -117,7 +117,7 @@ def run_ray(cfg, data, arch, recipe, workers: int, threads: int, kill_epoch: int
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m helpers.bench --executors", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", default=None, help="HAM10000 folder (default: $HAM10000_DIR, else generated)")
-    p.add_argument("--max-train-images", type=int, default=300)
+    p.add_argument("--max-train-images", type=int, default=128)
     p.add_argument("--runs", type=int, default=4)
     p.add_argument("--kill-after-epoch", type=int, default=3, help="the killed run dies half an epoch later")
     p.add_argument("--out", default=None, help="also write the table here")
@@ -128,11 +128,11 @@ def main(argv=None) -> int:
 
     base = Path(tempfile.mkdtemp(prefix="bench-executors-"))
     data_dir = args.data_dir or os.environ.get("HAM10000_DIR")
-    label = "HAM10000 (" + str(data_dir) + ")" if data_dir else "generated (helpers.synthetic, 60 lesions/class)"
+    label = "HAM10000 (" + str(data_dir) + ")" if data_dir else "generated (helpers.synthetic, 30 lesions/class)"
     if not data_dir:
         from .synthetic import make_fake_ham10000
 
-        data_dir = str(make_fake_ham10000(base / "data", lesions_per_class=60, seed=0, size=(64, 48),
+        data_dir = str(make_fake_ham10000(base / "data", lesions_per_class=30, seed=0, size=(64, 48),
                                           lowercase_copies=False))
     os.environ.setdefault("HAM_CACHE_DIR", str(base / "cache"))
     cfg = load_profile("quick", seeds=list(range(args.runs)), max_train_images=args.max_train_images, bootstrap=50,

@@ -43,6 +43,7 @@ from sklearn.metrics import log_loss, roc_auc_score
 from . import metrics as M
 from . import plots as P
 from . import predict
+from . import report as R
 from .data import BINARY_CLASSES, DX_CLASSES, IMAGE_SUFFIXES, MALIGNANT
 
 ID_COLUMNS = ("image_id", "patient_id", "lesion_id")  # patient first: the coarsest unit wins for the bootstrap
@@ -662,26 +663,19 @@ def main(argv=None) -> int:
 COMPARED = ["auc", "malignancy_auc", "sensitivity", "specificity"]
 
 
-def run_folders(runs, profile: str | None = None, names: Iterable[str] | None = None) -> list[Path]:
-    """Run folders: every ``*/run.json`` under ``runs`` (a reports folder) of ``profile``, or ``runs`` itself when it
-    is a list of folders; ``names`` keeps the runs whose run name or model name is listed (as 05_compare's ``runs``:
-    ``["resnet34_tuned"]`` means every seed of that model)."""
+def _folders(runs, profile: str | None, names: Iterable[str] | None) -> list[Path]:
+    """``runs`` itself when it is a list of run folders; else every run under that reports folder, found by the
+    project's one run discovery (``report.find_runs``: profile and names as 05_compare's)."""
     if isinstance(runs, (str, os.PathLike)):
-        folders = [f.parent for f in sorted(Path(runs).glob("*/run.json"))
-                   if profile is None or json.loads(f.read_text()).get("profile") == profile]
-    else:
-        folders = [Path(r) for r in runs]
-    if names is not None:
-        names = set(names)
-        folders = [f for f in folders if {(m := json.loads((f / "run.json").read_text())).get("run_name", f.name),
-                                          m.get("model_name")} & names]
-    return folders
+        found = R.find_runs(Path(runs), profile, names=list(names) if names is not None else None, load=False)
+        return [r["folder"] for r in found.values()]
+    return [Path(r) for r in runs]
 
 
 def score_runs(runs, external_dir, out_dir, profile: str | None = None, names=None, positive: str | None = None,
                label_column: str | None = None, n_boot: int = 1000, seed: int = 0, device="auto",
                batch_size: int = 64) -> dict:
-    """Score every run (see ``run_folders``) on ``external_dir`` (``images/`` + ``labels.csv``).
+    """Score every run (see ``_folders``) on ``external_dir`` (``images/`` + ``labels.csv``).
 
     Writes ``out_dir/<run>/`` (the CLI's files for each run), ``comparison.csv`` (external metrics beside each run's
     internal test metrics), ``roc.png`` (every run's ROC on the external set) and ``external.md``, all in one move.
@@ -694,7 +688,7 @@ def score_runs(runs, external_dir, out_dir, profile: str | None = None, names=No
     if not images.is_dir() or not labels_csv.is_file():
         found = sorted(p.name for p in external_dir.iterdir()) if external_dir.is_dir() else "no such folder"
         raise ExternalError(f"{external_dir} must hold images/ and labels.csv (found: {found})")
-    folders = run_folders(runs, profile, names)
+    folders = _folders(runs, profile, names)
     if not folders:
         raise ExternalError(f"no runs{f' of profile {profile!r}' if profile else ''} under {runs}")
     lab, matched, skipped, notes = validate(images, labels_csv, out_dir, label_column)

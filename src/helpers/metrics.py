@@ -20,6 +20,7 @@ from scipy.stats import rankdata
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classification_report, confusion_matrix,
                              log_loss, roc_auc_score, roc_curve)
 
+from .config import SELECT_METRICS  # the one definition: metric name -> higher is better
 from .data import BINARY_CLASSES, MALIGNANT  # the diagnoses the malignancy view adds up
 
 
@@ -309,41 +310,113 @@ def paired_bootstrap_diff(pred_a: pd.DataFrame, pred_b: pd.DataFrame, metric_fn:
     return (float(metric_fn(a) - metric_fn(b)), *_percentiles(values, alpha))
 
 
-# Paired lesion-level comparison of models, each possibly trained with several seeds. The per-resample scoring is
-# written on arrays (rank-based AUC, bincount recalls): a study compares ~10 runs x 1000 resamples, and building a
-# DataFrame and going through scikit-learn's input checks for each would take minutes. The fast scores equal
-# ``macro_auc``, ``balanced_accuracy`` and ``accuracy`` exactly (tests check it).
+# Paired lesion-level comparison of models, each possibly trained with several seeds, and the breakdowns by
+# stratum. The scoring is written on arrays and vectorised over resamples: a resample of lesions is a vector of
+# row multiplicities (how often each image was drawn, from ``_group_resamples``), so B resamples are one B x N
+# weight matrix, and each metric is a few matrix operations for all of them at once (AUC by the Mann-Whitney
+# formula on weighted tie blocks, recalls by weighted counts). With integer weights every metric equals the same
+# metric on the resampled rows exactly; with weights 1 it equals ``macro_auc``, ``balanced_accuracy``,
+# ``accuracy`` and friends (tests check both).
 PAIRED_METRICS = ("auc", "balanced_accuracy", "accuracy")  # macro AUC first: it is what chose the best model
+FAST_METRICS = ("auc", "balanced_accuracy", "accuracy", "malignancy_auc", "sensitivity", "specificity", "ece")
 
 
-def _rank_auc(y: np.ndarray, probs: np.ndarray, n_classes: int) -> float:
-    """Macro one-vs-rest AUC by the Mann-Whitney rank formula (ties count half, as in ``roc_auc_score``)."""
-    cols = [1] if n_classes == 2 else list(range(n_classes))
-    positive = y[:, None] == np.asarray(cols)[None, :]
-    n_pos = positive.sum(axis=0)
-    n_neg = len(y) - n_pos
-    if (n_pos == 0).any() or (n_neg == 0).any():
-        raise ValueError("AUC undefined: a class has no positive or no negative cases in this sample")
-    ranks = rankdata(probs[:, cols], axis=0)
-    return float(np.mean(((ranks * positive).sum(axis=0) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)))
+def _resample_weights(groups: pd.Series, n_boot: int, seed: int) -> np.ndarray:
+    """B x N multiplicities of the rows in ``_group_resamples``' draws (the same draws, as weights)."""
+    n = len(groups)
+    return np.array([np.bincount(rows, minlength=n) for rows in _group_resamples(groups, n_boot, seed)],
+                    dtype=float).reshape(-1, n)
 
 
-def _fast_scores(y: np.ndarray, y_hat: np.ndarray, probs: np.ndarray, n_classes: int,
-                 names: Sequence[str]) -> list[float]:
+def _weighted_auc(positive: np.ndarray, score: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """ROC AUC of ``score`` for the 0/1 ``positive`` rows under each row of weights ``w`` (B x N): ties count half,
+    as in ``roc_auc_score``. NaN where a weight row has no positive or no negative case."""
+    order = np.argsort(score, kind="stable")
+    s, pos = score[order], positive[order].astype(bool)
+    starts = np.flatnonzero(np.r_[True, s[1:] != s[:-1]])  # tie blocks of the sorted scores
+    wo = w[:, order]
+    pos_b = np.add.reduceat(wo * pos, starts, axis=1)
+    neg_b = np.add.reduceat(wo * ~pos, starts, axis=1)
+    neg_below = np.cumsum(neg_b, axis=1) - neg_b
+    n_pos, n_neg = pos_b.sum(axis=1), neg_b.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = (pos_b * (neg_below + 0.5 * neg_b)).sum(axis=1) / (n_pos * n_neg)
+    return np.where((n_pos > 0) & (n_neg > 0), auc, np.nan)
+
+
+def _weighted_scores(y: np.ndarray, y_hat: np.ndarray, probs: np.ndarray, n_classes: int, names: Sequence[str],
+                     w: np.ndarray, auc_cols: Sequence[int] | None = None, malignant: Sequence[int] | None = None,
+                     threshold: float | None = None) -> np.ndarray:
+    """B x len(names) scores, one row per weight row of ``w`` (B x N); NaN where a metric is undefined.
+
+    ``names`` from ``FAST_METRICS`` or ``recall_<k>`` (recall of class k). ``auc`` is the macro one-vs-rest AUC
+    over ``auc_cols`` (default: every class; for two classes the second); balanced accuracy the mean recall over
+    the classes present; the malignancy metrics use the summed probabilities of the ``malignant`` columns,
+    sensitivity/specificity at ``score >= threshold``; ece the top-label ECE over 15 bins."""
+    y, y_hat = np.asarray(y), np.asarray(y_hat)
+    onehot = np.eye(n_classes, dtype=float)[y]  # N x C
+    correct = (y == y_hat).astype(float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        support, hits = w @ onehot, w @ (onehot * correct[:, None])
+        recall = hits / support
+    total = w.sum(axis=1)
     out = []
     for name in names:
-        if name == "auc":
-            out.append(_rank_auc(y, probs, n_classes))
-        elif name == "accuracy":
-            out.append(float(np.mean(y == y_hat)))
-        elif name == "balanced_accuracy":  # mean recall over the classes present in y, as scikit-learn's
-            support = np.bincount(y, minlength=n_classes)
-            hits = np.bincount(y[y == y_hat], minlength=n_classes)
-            present = support > 0
-            out.append(float(np.mean(hits[present] / support[present])))
-        else:
-            raise ValueError(f"unknown paired metric {name!r}; choose from {PAIRED_METRICS}")
-    return out
+        with np.errstate(invalid="ignore", divide="ignore"):
+            if name == "auc":
+                cols = ([1] if n_classes == 2 else list(range(n_classes))) if auc_cols is None else list(auc_cols)
+                out.append(np.mean([_weighted_auc(y == k, probs[:, k], w) for k in cols], axis=0) if cols
+                           else np.full(len(w), np.nan))
+            elif name == "accuracy":
+                out.append(w @ correct / total)
+            elif name == "balanced_accuracy":
+                present = support > 0
+                out.append(np.where(present, recall, 0).sum(axis=1) / present.sum(axis=1))
+            elif name.startswith("recall_"):
+                out.append(recall[:, int(name.split("_", 1)[1])])
+            elif name == "ece":
+                n_bins = 15
+                confidence = probs.max(axis=1)
+                bins = np.eye(n_bins)[np.clip(np.ceil(confidence * n_bins).astype(int) - 1, 0, n_bins - 1)]
+                count, conf = w @ bins, w @ (bins * confidence[:, None])
+                out.append(np.abs(w @ (bins * correct[:, None]) - conf).sum(axis=1) / count.sum(axis=1))
+            elif name in ("malignancy_auc", "sensitivity", "specificity"):
+                if malignant is None:
+                    out.append(np.full(len(w), np.nan))
+                    continue
+                y_mal, score = np.isin(y, malignant), probs[:, malignant].sum(axis=1)
+                if name == "malignancy_auc":
+                    out.append(_weighted_auc(y_mal, score, w))
+                elif threshold is None or pd.isna(threshold):
+                    out.append(np.full(len(w), np.nan))
+                else:
+                    cases = (y_mal if name == "sensitivity" else ~y_mal).astype(float)
+                    agree = ((score >= threshold) == (name == "sensitivity")).astype(float)
+                    out.append(w @ (cases * agree) / (w @ cases))
+            else:
+                raise ValueError(f"unknown metric {name!r}; choose from {FAST_METRICS} or recall_<class index>")
+    return np.stack(out, axis=1) if out else np.zeros((len(w), 0))
+
+
+def _fast_scores(y: np.ndarray, y_hat: np.ndarray, probs: np.ndarray, n_classes: int, names: Sequence[str],
+                 auc_cols: Sequence[int] | None = None, malignant: Sequence[int] | None = None,
+                 threshold: float | None = None, undefined: str = "raise") -> list[float]:
+    """``_weighted_scores`` of one sample (every weight 1): the metrics ``names`` as floats. An undefined metric
+    (a class absent) raises ValueError, or with ``undefined="nan"`` is NaN."""
+    values = _weighted_scores(y, y_hat, probs, n_classes, names, np.ones((1, len(y))), auc_cols, malignant,
+                              threshold)[0]
+    if undefined != "nan" and np.isnan(values).any():
+        raise ValueError(f"metric(s) {[n for n, v in zip(names, values) if np.isnan(v)]} undefined on this sample "
+                         "(a class with no positive or no negative case)")
+    return [float(v) for v in values]
+
+
+def malignant_columns(classes: Sequence[str]) -> list[int] | None:
+    """Column indices whose probabilities add up to the malignancy score; None without a malignancy view."""
+    classes = tuple(classes)
+    if classes == BINARY_CLASSES:
+        return [1]
+    return [classes.index(c) for c in MALIGNANT] if has_malignancy_view(classes) else None
 
 
 def bootstrap_p_value(diffs, point: float) -> float:
@@ -411,11 +484,15 @@ def compare_models(models: Mapping[str, Sequence[pd.DataFrame]], classes: Sequen
     arrays = [(t["pred"].to_numpy(), prob_matrix(t, classes)) for t in aligned]
     n_classes = len(classes)
 
-    def score_all(rows):
-        return [_fast_scores(y[rows], y_hat[rows], probs[rows], n_classes, metrics) for y_hat, probs in arrays]
-
-    point_runs = np.array(score_all(np.arange(len(base))))  # runs x metrics
-    boot = np.array(_collect(score_all, _group_resamples(base[group], n_boot, seed), n_boot))  # B x runs x metrics
+    point_runs = np.array([_fast_scores(y, y_hat, probs, n_classes, metrics) for y_hat, probs in arrays])
+    w = _resample_weights(base[group], n_boot, seed)
+    boot = np.stack([_weighted_scores(y, y_hat, probs, n_classes, metrics, w) for y_hat, probs in arrays],
+                    axis=1).reshape(len(w), len(arrays), len(metrics))  # B x runs x metrics
+    defined = ~np.isnan(boot).any(axis=(1, 2))  # as ``_collect``: a resample undefined for one is dropped for all
+    if (~defined).sum() > n_boot / 2:
+        raise ValueError(f"a metric was undefined on {(~defined).sum()} of {n_boot} bootstrap resamples; too few "
+                         "lesions of some class for an interval")
+    boot = boot[defined]
     n_used = len(boot)
     positions = {name: np.array([i for i, (n, _) in enumerate(runs) if n == name]) for name in names}
     rng = np.random.default_rng(seed + 1)
@@ -446,9 +523,6 @@ def compare_models(models: Mapping[str, Sequence[pd.DataFrame]], classes: Sequen
 
 
 # ---------------------------------------------------------------------------------------------- model selection
-SELECT_METRICS = {"val_loss": False, "val_acc": True, "val_bal_acc": True, "val_auc": True}  # higher is better?
-
-
 def validation_score(val_pred: pd.DataFrame, classes: Sequence[str], select_metric: str = "val_auc") -> float:
     """A run's validation score by the profile's selection metric, from its saved validation predictions.
 
@@ -481,3 +555,251 @@ def majority_predictions(test_df: pd.DataFrame, classes: Sequence[str], majority
     for i, c in enumerate(classes):
         out[f"p_{c}"] = float(i == majority_label)
     return out
+
+
+# --------------------------------------------------------------------------------------------- decision rules
+ARGMAX = "argmax"  # the rule every model is compared under: the class with the highest probability
+
+
+def argmax_predictions(pred: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+    """The table with ``pred`` replaced by the plain argmax of its probabilities.
+
+    A run's saved ``pred`` is its recipe's own rule (the argmax after a logit adjustment where the recipe uses
+    one); comparing two recipes' saved ``pred`` would compare two rules as if they were one. The ISIC 2018 Task 3
+    metric (balanced accuracy) is defined on the plain argmax."""
+    out = pred.copy()
+    out["pred"] = prob_matrix(pred, classes).argmax(axis=1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ unit of analysis
+def lesion_level(pred: pd.DataFrame, classes: Sequence[str]) -> pd.DataFrame:
+    """One row per lesion: the mean probability over the lesion's images, its label, the argmax of the mean.
+
+    ``image_id`` becomes the lesion id (so the table goes through the same metric code) and ``n_images`` counts the
+    lesion's images. An error when one lesion's images disagree on the label."""
+    labels = pred.groupby("lesion_id", sort=True)["label"].agg(["min", "max", "size"])
+    if (labels["min"] != labels["max"]).any():
+        bad = labels.index[labels["min"] != labels["max"]].tolist()[:5]
+        raise ValueError(f"lesion(s) {bad} have images with different labels; a lesion needs one label")
+    cols = [f"p_{c}" for c in classes]
+    probs = pred.groupby("lesion_id", sort=True)[cols].mean()
+    out = pd.DataFrame({"image_id": probs.index, "lesion_id": probs.index, "label": labels["min"].to_numpy(),
+                        "n_images": labels["size"].to_numpy()})
+    p = probs.to_numpy()
+    out["pred"] = p.argmax(axis=1)
+    for k, c in enumerate(cols):
+        out[c] = p[:, k]
+    return out.reset_index(drop=True)
+
+
+def within_lesion_disagreement(pred: pd.DataFrame, classes: Sequence[str],
+                               threshold: float | None = None) -> dict[str, float]:
+    """Among lesions with two or more images: how many there are, the share whose images disagree on the top-1
+    class (the table's ``pred``: pass ``argmax_predictions`` for the plain argmax), and (given a malignancy
+    threshold) the share whose images disagree on the refer decision (malignancy score >= threshold)."""
+    probs = prob_matrix(pred, classes)
+    frame = pd.DataFrame({"lesion": pred["lesion_id"].to_numpy(), "top1": pred["pred"].to_numpy()})
+    mal = malignant_columns(classes)
+    if threshold is not None and mal is not None and not pd.isna(threshold):
+        frame["refer"] = probs[:, mal].sum(axis=1) >= threshold
+    g = frame.groupby("lesion")
+    multi = g.size() > 1
+    n_multi = int(multi.sum())
+    out = {"multi_image_lesions": n_multi,
+           "top1_disagreement": float((g["top1"].nunique()[multi] > 1).mean()) if n_multi else np.nan}
+    out["refer_disagreement"] = (float((g["refer"].nunique()[multi] > 1).mean()) if n_multi and "refer" in frame
+                                 else np.nan)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- subgroups
+AGE_BANDS = ((0, 30, "<30"), (30, 45, "30-44"), (45, 60, "45-59"), (60, 75, "60-74"), (75, np.inf, ">=75"))
+UNKNOWN = "unknown"
+
+
+def age_band(age) -> pd.Series:
+    """Age in years -> "<30", "30-44", "45-59", "60-74", ">=75", or "unknown" (missing or not a number)."""
+    age = pd.to_numeric(pd.Series(age), errors="coerce")
+    out = pd.Series(UNKNOWN, index=age.index, dtype=object)
+    for low, high, name in AGE_BANDS:
+        out[(age >= low) & (age < high)] = name
+    return out
+
+
+def clean_category(values) -> pd.Series:
+    """Lower-case labels, with NaN, empty and "unknown" as "unknown"."""
+    v = pd.Series(values).astype(object)
+    text = v.astype(str).str.strip().str.lower()
+    return text.where(v.notna() & ~text.isin(["", "nan", "none", UNKNOWN]), UNKNOWN)
+
+
+def subgroup_levels(df: pd.DataFrame, variable: str, min_images: int = 50) -> pd.Series:
+    """The subgroup of every row for ``variable``: ``sex`` (as recorded, "unknown" when missing), ``age`` (see
+    ``age_band``) or ``site`` (``localization``; sites with fewer than ``min_images`` rows in ``df`` pooled as
+    "other"; "unknown" kept apart)."""
+    if variable == "age":
+        return age_band(df["age"])
+    if variable == "sex":
+        return clean_category(df["sex"])
+    if variable == "site":
+        site = clean_category(df["localization"])
+        counts = site.value_counts()
+        small = [s for s in counts.index if counts[s] < min_images and s != UNKNOWN]
+        return site.where(~site.isin(small), "other")
+    raise ValueError(f"unknown subgroup variable {variable!r}; choose from age, sex, site")
+
+
+# ------------------------------------------------------------------------------------- strata with intervals
+BREAKDOWN_METRICS = ("balanced_accuracy", "auc", "malignancy_auc", "sensitivity", "specificity")
+
+
+def _nan_percentiles(values: np.ndarray, alpha: float) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile interval per column over the defined (non-NaN) resamples; NaN where fewer than half are defined
+    (a metric that is mostly undefined on this data has no meaningful interval)."""
+    low, high = np.full(values.shape[1:], np.nan), np.full(values.shape[1:], np.nan)
+    for idx in np.ndindex(values.shape[1:]):
+        v = values[(slice(None), *idx)]
+        v = v[~np.isnan(v)]
+        if len(v) >= len(values) / 2 and len(v):
+            low[idx], high[idx] = _percentiles(v, alpha)
+    return low, high
+
+
+def auc_classes(labels: np.ndarray, groups: np.ndarray, n_classes: int, min_positives: int = 5) -> list[int]:
+    """The classes with at least ``min_positives`` positive lesions (distinct ``groups``) and at least one negative
+    row: the classes a stratum's macro AUC averages over."""
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    out = []
+    for k in range(n_classes):
+        pos = labels == k
+        if len(np.unique(groups[pos])) >= min_positives and (~pos).any():
+            out.append(k)
+    return out
+
+
+def breakdown(preds: Mapping[str, pd.DataFrame], classes: Sequence[str], levels: pd.Series | None = None,
+              thresholds: Mapping[str, float | None] | None = None, metrics: Sequence[str] = BREAKDOWN_METRICS,
+              n_boot: int = 1000, seed: int = 0, alpha: float = 0.05, min_positives: int = 5,
+              group: str = "lesion_id") -> pd.DataFrame:
+    """Every model's metrics in every stratum, with lesion-bootstrap intervals and the stratum's counts.
+
+    ``preds`` maps a model to its prediction table (all on the same images; aligned on ``image_id``). ``levels``
+    gives each image's stratum, indexed by ``image_id`` (NaN: in no stratum); None: one stratum, "all". Within a
+    stratum every resample draws its lesions with replacement once, shared by all models (paired), so strata are
+    resampled separately with their own size held fixed. ``thresholds`` maps a model to its malignancy threshold
+    (chosen on validation; held fixed here). ``auc`` is the macro AUC over the classes with at least
+    ``min_positives`` positive lesions in the stratum (named in ``auc_classes``); an undefined metric (no malignant
+    case, say) is NaN, and its interval NaN when it is undefined in more than half of the resamples.
+
+    Returns one row per (stratum, model): stratum, model, n_images, n_lesions, n_malignant (lesions),
+    n_malignant_images, auc_classes, then ``<metric>``, ``<metric>_ci_low``, ``<metric>_ci_high`` per metric.
+    """
+    names = list(preds)
+    if not names:
+        raise ValueError("breakdown needs at least one prediction table")
+    base = preds[names[0]].reset_index(drop=True)
+    aligned = [base] + [_paired(base, preds[n])[1] for n in names[1:]]
+    y, lesions = base["label"].to_numpy(), base[group].to_numpy()
+    arrays = [(t["pred"].to_numpy(), prob_matrix(t, classes)) for t in aligned]
+    thresholds = dict(thresholds or {})
+    n_classes, mal = len(classes), malignant_columns(classes)
+    if levels is None:
+        stratum = pd.Series("all", index=base.index, dtype=object)
+    else:
+        levels = pd.Series(levels)
+        missing = set(base["image_id"]) - set(levels.index)
+        if missing:
+            raise KeyError(f"levels lack {len(missing)} image(s), e.g. {sorted(missing)[:3]}")
+        stratum = pd.Series(levels.loc[base["image_id"]].to_numpy(), index=base.index)
+    order = list(dict.fromkeys(stratum.dropna()))
+    rows = []
+    for s in order:
+        at = np.flatnonzero((stratum == s).to_numpy())
+        ys, gs = y[at], lesions[at]
+        cols = auc_classes(ys, gs, n_classes, min_positives)
+        y_mal = np.isin(ys, mal) if mal is not None else np.zeros(len(ys), bool)
+
+        w = np.vstack([np.ones((1, len(at))), _resample_weights(pd.Series(gs), n_boot, seed)])  # point + resamples
+        scores = np.stack([_weighted_scores(ys, y_hat[at], probs[at], n_classes, metrics, w, auc_cols=cols,
+                                            malignant=mal, threshold=thresholds.get(name))
+                           for name, (y_hat, probs) in zip(names, arrays)], axis=1)  # (1 + B) x models x metrics
+        point, boot = scores[0], scores[1:]
+        low, high = _nan_percentiles(boot, alpha) if n_boot else (np.full_like(point, np.nan),) * 2
+        counts = dict(n_images=len(at), n_lesions=len(np.unique(gs)), n_malignant=len(np.unique(gs[y_mal])),
+                      n_malignant_images=int(y_mal.sum()), auc_classes=" ".join(classes[k] for k in cols) or "–")
+        for i, name in enumerate(names):
+            row = dict(stratum=s, model=name, **counts)
+            for k, m in enumerate(metrics):
+                row.update({m: point[i, k], f"{m}_ci_low": low[i, k], f"{m}_ci_high": high[i, k]})
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------------------------- decision curve
+def net_benefit(y_true, score, thresholds) -> np.ndarray:
+    """Net benefit of referring when ``score >= pt``, at each threshold probability pt:
+    TP/n - FP/n * pt / (1 - pt) (Vickers & Elkin 2006)."""
+    y, score, pt = np.asarray(y_true).astype(bool), np.asarray(score, dtype=float), np.asarray(thresholds, float)
+    if ((pt <= 0) | (pt >= 1)).any():
+        raise ValueError("threshold probabilities must lie strictly between 0 and 1")
+    refer = score[:, None] >= pt[None, :]
+    n = len(y)
+    tp, fp = (refer & y[:, None]).sum(axis=0), (refer & ~y[:, None]).sum(axis=0)
+    return tp / n - fp / n * pt / (1 - pt)
+
+
+DECISION_THRESHOLDS = np.round(np.arange(0.01, 0.505, 0.01), 2)  # 1% to 50%
+
+
+def decision_curve(pred: pd.DataFrame, classes: Sequence[str], thresholds=DECISION_THRESHOLDS, n_boot: int = 1000,
+                   seed: int = 0, alpha: float = 0.05, group: str = "lesion_id") -> pd.DataFrame:
+    """Net benefit of referring on the malignancy score, with a lesion-bootstrap interval, beside the two default
+    strategies: refer everyone (``refer_all``: prevalence - (1 - prevalence) pt / (1 - pt)) and refer no one (0).
+
+    The score is read as a probability of malignancy: a model whose scores are not calibrated is penalised here,
+    which is the point of a decision curve."""
+    y, score = malignancy_score(pred, classes)
+    pt = np.asarray(thresholds, dtype=float)
+    nb = net_benefit(y, score, pt)
+    w = _resample_weights(pred[group], n_boot, seed)
+    refer = score[:, None] >= pt[None, :]
+    boot = (w @ (refer & (y[:, None] == 1)) - w @ (refer & (y[:, None] == 0)) * pt / (1 - pt)) / w.sum(axis=1)[:, None]
+    low, high = _nan_percentiles(boot, alpha) if n_boot else (np.full(len(pt), np.nan),) * 2
+    prevalence = y.mean()
+    return pd.DataFrame({"threshold": pt, "net_benefit": nb, "ci_low": low, "ci_high": high,
+                         "refer_all": prevalence - (1 - prevalence) * pt / (1 - pt), "refer_none": 0.0})
+
+
+# -------------------------------------------------------------------------------------- the metadata baseline
+METADATA_BASELINE = "metadata only (age, sex, site)"
+
+
+def metadata_baseline(split: pd.DataFrame, classes: Sequence[str], C: float | None = None) -> dict:
+    """A logistic regression on age, sex and site alone (``clinical.MetadataModel``): coefficients fitted on the
+    training rows of ``split``, the regularisation C chosen on the validation rows (or given as ``C``: then the
+    validation labels play no part at all), test labels never passed in. Missing values have explicit indicators.
+
+    Returns dict(model, C, sweep, val, test, threshold): ``val`` / ``test`` are prediction tables in the project's
+    form (``pred`` the argmax), ``threshold`` the malignancy threshold chosen on validation for 95% sensitivity.
+    """
+    from threadpoolctl import threadpool_limits
+
+    from .clinical import C_GRID, MetadataModel
+
+    train, val, test = (split[split["split"] == s].reset_index(drop=True) for s in ("train", "val", "test"))
+    with threadpool_limits(1):  # a small problem: threaded BLAS on a shared 2-core machine is 100x slower here
+        model, sweep = MetadataModel.fit(train, val, len(classes), grid=C_GRID if C is None else (C,))
+
+    def table(df):
+        probs = model.predict_proba(df)
+        out = df[["image_id", "lesion_id", "label"]].copy()
+        out["pred"] = probs.argmax(axis=1)
+        for k, c in enumerate(classes):
+            out[f"p_{c}"] = probs[:, k]
+        return out
+
+    val_pred, test_pred = table(val), table(test)
+    threshold = (threshold_for_sensitivity(*malignancy_score(val_pred, classes), target=0.95)
+                 if has_malignancy_view(classes) else None)
+    return dict(model=model, C=model.C, sweep=pd.DataFrame(sweep), val=val_pred, test=test_pred, threshold=threshold)

@@ -234,6 +234,99 @@ def roc_overlay(preds: Mapping[str, pd.DataFrame], classes: Sequence[str] | Mapp
     return fig
 
 
+def roc_by_population(preds: Mapping[str, pd.DataFrame], classes: Sequence[str],
+                      populations: Mapping[str, Sequence[str]], title: str) -> Figure:
+    """The malignancy ROC of several models, one panel per population (``populations``: panel title -> the
+    image_ids it holds), e.g. all test images against the histopathology-confirmed ones. A panel without both
+    malignant and benign images says so instead of drawing."""
+    fig, axes = _figure(1, len(populations), size=(5.2 * len(populations), 5.4))
+    for ax, (where, ids) in zip(axes[0], populations.items()):
+        ids = set(ids)
+        for k, (name, pred) in enumerate(preds.items()):
+            sub = pred[pred["image_id"].isin(ids)]
+            y, score = metrics.malignancy_score(sub, classes)
+            if y.all() or not y.any():
+                ax.text(0.5, 0.5, "no malignant or no benign image", ha="center", transform=ax.transAxes)
+                break
+            fpr, tpr, _ = roc_curve(y, score)
+            ax.plot(fpr, tpr, color=f"C{k % 10}", label=f"{name} (AUC {metrics.malignancy_auc(sub, classes):.3f})")
+        ax.plot([0, 1], [0, 1], "k:", lw=1)
+        n_mal = int(metrics.malignancy_score(pred[pred["image_id"].isin(ids)], classes)[0].sum()) if preds else 0
+        ax.set(title=f"{where}: {len(ids)} images, {n_mal} malignant", xlabel="false positive rate",
+               ylabel="true positive rate", aspect="equal")
+        ax.legend(loc="lower right", fontsize="x-small")
+    fig.suptitle(title)
+    return fig
+
+
+FOREST_LABELS = {"balanced_accuracy": "Balanced accuracy (argmax)", "auc": "Macro AUC",
+                 "malignancy_auc": "Malignancy AUC", "sensitivity": "Sensitivity (val. threshold)",
+                 "specificity": "Specificity (val. threshold)"}
+
+
+def subgroup_forest(table: pd.DataFrame, title: str,
+                    metrics_shown: Sequence[str] = ("balanced_accuracy", "malignancy_auc", "sensitivity",
+                                                    "specificity")) -> Figure:
+    """Forest plot of subgroup metrics: one row per subgroup (``variable``, ``stratum``, with its image count), one
+    panel per metric, a point and 95% interval per (``model``, ``population``): filled markers for all images of
+    the subgroup, open ones for its histopathology-confirmed images. The dashed line in each panel is the first
+    model's value on all test images (the row whose variable is "overall")."""
+    rows = list(dict.fromkeys(zip(table["variable"], table["stratum"])))
+    series = list(dict.fromkeys(zip(table["model"], table["population"])))
+    models = list(dict.fromkeys(table["model"]))
+    fig, axes = _figure(1, len(metrics_shown), size=(3.3 * len(metrics_shown) + 2.5, 0.32 * len(rows) + 1.8))
+    step = 0.8 / max(len(series), 1)
+    for ax, m in zip(axes[0], metrics_shown):
+        for j, (model, population) in enumerate(series):
+            sub = table[(table["model"] == model) & (table["population"] == population)].set_index(
+                ["variable", "stratum"])
+            ys, xs, lo, hi = [], [], [], []
+            for i, key in enumerate(rows):
+                if key in sub.index and pd.notna(sub.loc[key, m]):
+                    r = sub.loc[key]
+                    ys.append(i - 0.4 + step * (j + 0.5))
+                    xs.append(r[m])
+                    # a percentile interval need not contain the point (small strata): draw what lies beyond it
+                    lo.append(max(0.0, r[m] - r[f"{m}_ci_low"]) if pd.notna(r[f"{m}_ci_low"]) else 0)
+                    hi.append(max(0.0, r[f"{m}_ci_high"] - r[m]) if pd.notna(r[f"{m}_ci_high"]) else 0)
+            colour = f"C{models.index(model) % 10}"
+            ax.errorbar(xs, ys, xerr=[lo, hi], fmt="o" if population == "all" else "s", color=colour, ms=4,
+                        mfc=colour if population == "all" else "white", lw=1, capsize=2,
+                        label=f"{model}, {population}")
+        overall = table[(table["variable"] == "overall") & (table["model"] == models[0])
+                        & (table["population"] == "all")]
+        if len(overall) and pd.notna(overall[m].iloc[0]):
+            ax.axvline(overall[m].iloc[0], color="grey", ls="--", lw=1)
+        ax.set(title=FOREST_LABELS.get(m, m), ylim=(len(rows) - 0.5, -0.5))
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_yticks(range(len(rows)))
+        ax.set_yticklabels([])
+    n = table.drop_duplicates(["variable", "stratum"]).set_index(["variable", "stratum"])["n_images"]
+    axes[0][0].set_yticklabels([f"{v}: {s} (n={int(n[(v, s)])})" for v, s in rows], fontsize="small")
+    axes[0][-1].legend(fontsize="x-small", loc="lower left", bbox_to_anchor=(1.02, 0))
+    fig.suptitle(title)
+    return fig
+
+
+def decision_curves(curves: Mapping[str, pd.DataFrame], title: str) -> Figure:
+    """Net benefit against threshold probability for each model (with its 95% band), beside refer-all and
+    refer-none (tables from ``metrics.decision_curve``)."""
+    fig, ((ax,),) = _figure(size=(7.5, 5))
+    first = next(iter(curves.values()))
+    for k, (name, c) in enumerate(curves.items()):
+        ax.plot(c["threshold"] * 100, c["net_benefit"], color=f"C{k % 10}", label=name)
+        ax.fill_between(c["threshold"] * 100, c["ci_low"], c["ci_high"], color=f"C{k % 10}", alpha=0.15, lw=0)
+    ax.plot(first["threshold"] * 100, first["refer_all"], "k--", lw=1, label="refer all")
+    ax.axhline(0, color="k", lw=1, ls=":", label="refer none")
+    top = max(float(np.nanmax(c[["net_benefit", "ci_high"]].to_numpy())) for c in curves.values())
+    ax.set(xlabel="threshold probability of malignancy (%)", ylabel="net benefit (per image)", ylim=(min(-0.02, -0.1 * top), top * 1.1 + 0.01),
+           title="Decision curve: refer when P(malignant) >= threshold")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    fig.suptitle(title)
+    return fig
+
+
 # -------------------------------------------------------------------------------------------------------- images
 def error_grid(images_uint8, pred: pd.DataFrame, classes: Sequence[str], n: int = 16,
                title: str = "Most confident errors") -> Figure:

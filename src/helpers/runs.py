@@ -392,7 +392,8 @@ def _fmt_elapsed(s: float) -> str:
     return f"{int(s // 60)}:{int(s % 60):02d}"
 
 
-def status_rows(specs: list[dict], done: dict, failed: dict, t0: float) -> list[dict]:
+def status_rows(specs: list[dict], done: dict, failed: dict) -> list[dict]:
+    """The live table's rows, from each run's events file (this submission's lines) and the finished tasks."""
     rows = []
     now = time.time()
     for spec in specs:
@@ -494,12 +495,12 @@ def submit(specs: list[dict], cfg: dict, progress: bool = True) -> tuple[dict, d
                             f"expects {spec['key']}: other code, data or torch on that node")
                         continue
                     done[spec["folder"]] = out
-                table.update(status_rows(specs, done, failed, t_submit))
+                table.update(status_rows(specs, done, failed))
         except KeyboardInterrupt:
             for ref in pending:
                 ray.cancel(ref, force=True)
             raise
-        table.update(status_rows(specs, done, failed, t_submit), final=True)
+        table.update(status_rows(specs, done, failed), final=True)
     finally:
         t_end = time.time()
         if started:
