@@ -68,12 +68,12 @@ def test_two_runs_overlap_on_two_one_cpu_workers_and_match_the_local_executor(tm
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the workers train with one thread each: the same arithmetic here
     try:
-        local = E.run_model(cfg, "resnet18", ["reference"], data, progress=False, executor="local")
+        local = R.run_model(cfg, "resnet18", ["reference"], data, progress=False, executor="local")
     finally:
         torch.set_num_threads(threads)
     ensure_ray(num_gpus=0)
     data = study(tmp_path, "ray", monkeypatch)
-    remote = E.run_model(cfg, "resnet18", ["reference"], data, progress=False, executor="ray")
+    remote = R.run_model(cfg, "resnet18", ["reference"], data, progress=False, executor="ray")
     assert list(remote) == list(local) and any(name.endswith("_meta") for name in local)
     workers = [remote[f"resnet18_reference_s{s}"]["worker"] for s in (0, 1)]
     assert all(w["threads"] == 1 for w in workers)
@@ -196,6 +196,7 @@ def counted_save(*a, **k):
     return save(*a, **k)
 E.fit, E.save_trained = counted_fit, counted_save
 barrier = Path(sys.argv[3])
+Path(f"{barrier}.ready.{os.getpid()}").touch()
 while not barrier.exists():
     time.sleep(0.02)
 res = E.run_recipe(cfg, "resnet18", "reference", data, 0, progress=False)
@@ -210,9 +211,12 @@ def test_two_processes_asked_for_one_run_train_it_once(tmp_path, monkeypatch):
     procs = [subprocess.Popen([sys.executable, "-c", CLAIMANT, overrides, str(record), str(barrier)],
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ.copy())
              for _ in range(2)]
-    time.sleep(1)
-    barrier.touch()  # both load the data first, then ask for the run at the same moment
-    outs = [p.communicate(timeout=300)[0] for p in procs]
+    deadline = time.time() + 600
+    while len(list(tmp_path.glob("go.ready.*"))) < 2 and time.time() < deadline and all(p.poll() is None
+                                                                                      for p in procs):
+        time.sleep(0.1)
+    barrier.touch()  # both have loaded the data: they ask for the run at the same moment
+    outs = [p.communicate(timeout=900)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     results = [json.loads(next(ln for ln in o.splitlines() if ln.startswith("RESULT"))[7:]) for o in outs]
     calls = record.read_text().split("\n")
@@ -265,7 +269,7 @@ def test_papermill_runs_notebook_02_on_ray_end_to_end(tmp_path, monkeypatch):
                     str(out), "-k", "python3", "--cwd", str(ROOT / "notebooks"), "-p", "profile", str(profile),
                     "-p", "executor", "ray", "-y", "recipes: [reference]",
                     "--log-level", "WARNING", "--no-progress-bar"],
-                   check=True, env={**os.environ, "HAM_HEADLESS": "1"}, timeout=600)
+                   check=True, env={**os.environ, "HAM_HEADLESS": "1"}, timeout=1200)
     nb = json.loads(out.read_text())
     text = json.dumps(nb["cells"])
     assert "ok: resnet34_reference_s0" in text

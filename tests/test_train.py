@@ -190,3 +190,67 @@ def test_max_train_images_inside_a_recipe_is_refused():
     """It is a profile setting; inside a recipe it used to be accepted and ignored."""
     with pytest.raises(KeyError, match="max_train_images"):
         T.resolve_recipe({**RECIPE, "max_train_images": 10})
+
+
+# ------------------------------------------------------------------------------------------ one training step
+def test_fit_the_benchmark_and_the_estimate_run_the_same_step(monkeypatch):
+    """From the same state and batch, fit's step, the benchmark's project path and a bare ``training_step`` give
+    the same loss and the same parameters; the run-time estimate times ``training_step`` itself."""
+    from helpers import bench, preflight
+    from helpers.config import resolve_recipe
+
+    x, y = tiny_data(16)
+    r = resolve_recipe({**RECIPE, "epochs": 1, "batch_size": 16, "augment": "none", "schedule": "none",
+                        "label_smoothing": 0.1})
+    dev = torch.device("cpu")
+
+    def fresh():
+        torch.manual_seed(123)
+        return build_model("resnet18", 3, head="mlp").to(memory_format=torch.channels_last)
+
+    fitted, hist, _ = T.fit(fresh(), (x, y), (x, y), r, device=dev, progress=False)  # one epoch = one step
+    bare = fresh()
+    T.train_mode(bare) if hasattr(T, "train_mode") else bare.train()
+    step, *_ = T.training_step(bare, r, dev, y, steps_per_epoch=1)
+    loss, _ = step(x, y, 16)
+    benched = fresh()
+    benched.train()
+    bstep, *_ = T.training_step(benched, r, dev, y, steps_per_epoch=1)
+    path = bench.ProjectPath(x, y, 16, 16, dev)
+    path(bstep)
+    assert float(hist.train_loss.iloc[0]) == pytest.approx(float(loss), rel=1e-5)
+    assert float(path.total_loss) / 16 == pytest.approx(float(loss), rel=1e-5)
+    for a, b, c in zip(fitted.parameters(), bare.parameters(), benched.parameters()):
+        assert torch.allclose(a, b, atol=1e-6) and torch.allclose(b, c, atol=1e-6)
+
+    seen = []
+    real = T.training_step
+    monkeypatch.setattr(T, "training_step", lambda *a, **k: seen.append(a[1]) or real(*a, **k))
+    assert preflight.measure_step(r, 16, steps=1) > 0
+    assert seen and seen[0] is r
+
+
+def test_class_weighting_pushes_the_gradient_towards_the_rare_class():
+    """Two classes, three images of class 0 and one of class 1, a model that predicts 50/50: with inverse-frequency
+    weights the step raises the rare class's logit more than without."""
+    y = torch.tensor([0, 0, 0, 1])
+    w = T.class_weights(y)
+    assert torch.allclose(w, torch.tensor([4 / (2 * 3), 4 / (2 * 1)]))
+    x = torch.ones(4, 1)
+
+    def bias_after_step(weight):
+        from torch import nn
+
+        lin = nn.Linear(1, 2)
+        nn.init.zeros_(lin.weight), nn.init.zeros_(lin.bias)
+        opt = torch.optim.SGD(lin.parameters(), lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        scaler = torch.amp.GradScaler("cuda", enabled=False)
+        r = dict(label_smoothing=0.0)
+        step = T.make_step(lin, opt, sched, scaler, lambda v, size, train: v, r, torch.device("cpu"), weight)
+        step(x, y, None)
+        return lin.bias.detach()
+
+    plain, weighted = bias_after_step(None), bias_after_step(w)
+    assert plain[0] > plain[1]  # unweighted: the common class wins the step
+    assert weighted[1] - weighted[0] > plain[1] - plain[0] and weighted[1] >= weighted[0]  # weighted: balanced

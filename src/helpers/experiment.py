@@ -323,29 +323,6 @@ def report_run(cfg: dict, data: dict, r: dict, run: str, probs: dict, meta: dict
     return result
 
 
-def run_model(cfg: dict, arch: str, recipes, data: dict, progress: bool = True, executor: str | None = None) -> dict:
-    """Every (recipe, seed) run of one model notebook: ``{run_name: result}``, fused twins included.
-
-    ``executor`` (else ``$HAM_EXECUTOR``, else the profile's ``executor``): ``local`` trains the runs here, one after
-    another; ``ray`` sends each run to a Ray cluster as one task (``helpers.runs``) and reads its results back from
-    the run's folders on disk (those results hold no ``model``: ``meta["checkpoint"]`` loads it)."""
-    from .runs import resolve_executor  # Ray itself is imported only by the ray executor
-
-    if resolve_executor(cfg, executor) == "ray":
-        from .runs import run_model_ray
-
-        return run_model_ray(cfg, arch, recipes, data, progress)
-    results = {}
-    for name in recipes:
-        for seed in recipe_seeds(cfg, arch, name):
-            res = run_recipe(cfg, arch, name, data, seed, progress)
-            results[res["run"]] = res
-            if res["twin"] is not None:
-                results[res["twin"]["run"]] = res["twin"]
-    runlock.release_all()  # every model.pt is written: the runs' folders are free for other processes
-    return results
-
-
 def check_runs(results: dict, data: dict) -> str:
     """The model notebooks' invariants (a regression fails the notebook, and nbval): metrics in range, test
     predictions cover the test split once with no lesion seen in training, history and figures written, and the
@@ -436,7 +413,7 @@ def trainable_summary(cfg: dict, arch: str, recipe_name: str, num_classes: int) 
     return dict(total=count_parameters(m, False), trainable=head if r["freeze_backbone"] else count_parameters(m))
 
 
-__all__ = ["prepare_data", "load_data", "run_recipe", "run_model", "check_runs", "load_trained", "provenance",
+__all__ = ["prepare_data", "load_data", "run_recipe", "check_runs", "load_trained", "provenance",
            "provenance_line", "trainable_summary", "predictions_frame", "subsample", "superseded"]
 
 

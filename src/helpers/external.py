@@ -14,6 +14,11 @@ instead of images. Images go through exactly the evaluation preprocessing (``pre
 malignancy threshold is the checkpoint's, chosen on HAM10000's validation split, never re-tuned here; the only
 threshold fitted on the external labels is the one labelled "oracle".
 
+A checkpoint that uses the patient's metadata needs ``age``, ``sex`` and ``localization`` per image: columns of the
+labels CSV, or ``--metadata CSV`` (``metadata.csv`` beside the images by default). Without them it stops naming the
+columns; ``--image-only`` scores the image part alone. With them, the image-only and the fused scores are reported
+side by side (``metrics_image_only.csv``), since such a model is only as good as those fields are in a new clinic.
+
 Writes ``predictions.csv``, ``metrics.csv`` (metric, value, ci_low, ci_high), ``roc.png``, ``reliability.png``
 (``evaluation.png`` too for 7-class labels), ``skipped.csv`` when anything was skipped, and ``external.md``. Every
 input is checked before anything is written, and the files are written to a temporary folder that then replaces
@@ -40,6 +45,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import log_loss, roc_auc_score
 
+from . import clinical as C
 from . import metrics as M
 from . import plots as P
 from . import predict
@@ -347,13 +353,34 @@ def primary_view(pred: pd.DataFrame, pl: Plan) -> tuple[str, pd.DataFrame, tuple
 
 
 # ----------------------------------------------------------------------------------------------- one checkpoint
+def external_metadata(labels_csv, images_dir, given=None) -> pd.DataFrame | None:
+    """Age, sex and site per image_id for a metadata model: ``given`` (a CSV), else the labels CSV when it holds
+    the columns, else ``metadata.csv`` beside the images; None when none has them."""
+    for path in [given] if given else [labels_csv, Path(images_dir) / "metadata.csv", Path(images_dir).parent /
+                                       "metadata.csv"]:
+        if path and Path(path).is_file():
+            head = pd.read_csv(path, nrows=0).columns
+            if given or all(c in head for c in C.COLUMNS):
+                try:
+                    return predict.read_metadata(path)
+                except C.MetadataColumnsError as e:
+                    raise ExternalError(str(e)) from None
+    return None
+
+
 def evaluate(model, meta: dict, labels: Labels, matched: pd.DataFrame, positive: str | None = None,
-             n_boot: int = 1000, seed: int = 0, batch_size: int = 64, pl: Plan | None = None) -> dict:
+             n_boot: int = 1000, seed: int = 0, batch_size: int = 64, pl: Plan | None = None,
+             metadata: pd.DataFrame | None = None, image_only: bool = False) -> dict:
     """Predict the matched images (evaluation preprocessing), then metrics with intervals, and the figures (in
-    memory: ``write`` saves them). ExternalError when no image could be read."""
+    memory: ``write`` saves them). ExternalError when no image could be read. A model that uses metadata is scored
+    twice, fused and image only (``result["image_only"]``), unless ``image_only``."""
     pl = pl or plan(meta, labels, positive)
     classes = pl.classes
-    table, errors = predict.predict_paths(model, meta, matched["path"].tolist(), batch_size)
+    try:
+        table, errors = predict.predict_paths(model, meta, matched["path"].tolist(), batch_size, metadata=metadata,
+                                              image_only=image_only)
+    except C.MetadataColumnsError as e:
+        raise ExternalError(str(e)) from None
     skipped = [("unreadable", str(p), reason) for p, reason in errors]
     if table.empty:
         raise ExternalError(f"none of the {len(matched)} matched images could be read: "
@@ -386,8 +413,11 @@ def evaluate(model, meta: dict, labels: Labels, matched: pd.DataFrame, positive:
         notes.append(f"no images of {', '.join(absent)}: macro AUC over the {len(present)} classes present "
                      "(auc_present_classes), not comparable with the internal test's 7-class macro AUC")
     result = dict(meta=meta, plan=pl, labels=labels, pred=pred, metrics=met, skipped=skipped, notes=notes,
-                  n_boot=n_boot, seed=seed)
+                  n_boot=n_boot, seed=seed, scored_with=predict.scored_with(meta, image_only))
     result["figures"] = _figures(result)
+    if predict.metadata_mode(meta, image_only):
+        result["image_only"] = evaluate(model, meta, labels, matched, positive, n_boot, seed, batch_size, pl,
+                                        image_only=True)
     return result
 
 
@@ -480,6 +510,8 @@ def write_result(result: dict, folder: Path, given: dict) -> None:
     cols = [c for c in pred.columns if c != "path"] + ["path"]
     pred[cols].to_csv(folder / "predictions.csv", index=False, float_format="%.6f")
     result["metrics"].to_csv(folder / "metrics.csv", index=False, float_format="%.4f")
+    if "image_only" in result:
+        result["image_only"]["metrics"].to_csv(folder / "metrics_image_only.csv", index=False, float_format="%.4f")
     if result["skipped"]:
         pd.DataFrame(result["skipped"], columns=["kind", "item", "reason"]).to_csv(folder / "skipped.csv",
                                                                                   index=False)
@@ -549,15 +581,26 @@ def external_md(result: dict, given: dict) -> str:
     rows = [f"| {METRIC_TEXT.get(r.metric, r.metric.replace('_', ' '))} | `{r.metric}` | {_fmt(r.value)} | "
             + ("–" if pd.isna(r.ci_low) else f"[{r.ci_low:.3f}, {r.ci_high:.3f}]") + " |" for r in table.itertuples()]
     notes = labels.notes + given.get("notes", []) + result["notes"]
+    if "image_only" in result:
+        alone = result["image_only"]["metrics"].set_index("metric")
+        rows = [row[:-1] + f" {_fmt(alone.loc[m, 'value']) if m in alone.index else '–'} |"
+                for row, m in zip(rows, table.metric)]
     oracle = ("\nThe **oracle** rows choose the threshold on the external labels themselves: optimistic by "
               "construction, shown only to say how far the validation threshold is from the one this set would "
               "need.\n" if "oracle_threshold" in set(table.metric) else "")
+    metric_header = ("| metric | name in metrics.csv | value | 95% CI |\n|:--|:--|--:|:--|" if "image_only" not in result
+                     else "| metric | name in metrics.csv | image + metadata | 95% CI | image only |\n"
+                          "|:--|:--|--:|:--|--:|")
+    metadata_note = ("" if "image_only" not in result else
+                     " (the image-only score beside it: a model that uses age, sex and site is only as good as those "
+                     "fields are where it is used)")
     return f"""# External validation: {_model_name(meta)}
 
 - Checkpoint: `{given.get('checkpoint')}` ({meta.get('arch', '?')}, classes {', '.join(pl.classes)}, profile
   `{meta.get('profile', prov.get('profile', '?'))}`); trained on {trained or 'unknown data (no provenance)'}
 - External images: `{given.get('images')}`; labels: `{given.get('labels')}`, {form}
 - Evaluated: **{len(pred)} images**; labels: {count_text}; scored: {'; '.join(scored) or 'the 7 classes'}
+- Scored with: {result.get('scored_with', 'image')}{metadata_note}
 - Preprocessing: as in evaluation, a square resize to {meta['image_size']}x{meta['image_size']}, then the model's
   normalisation, no test-time augmentation
 - Malignancy threshold: {threshold}
@@ -569,8 +612,7 @@ def external_md(result: dict, given: dict) -> str:
 {('' if not skipped else chr(10) + 'All of them, with reasons, in `skipped.csv`.' + chr(10))}
 ## Metrics
 
-| metric | name in metrics.csv | value | 95% CI |
-|:--|:--|--:|:--|
+{metric_header}
 {chr(10).join(rows)}
 {oracle}{('## Notes' + chr(10) + chr(10) + chr(10).join(f'- {n}' for n in notes) + chr(10)) if notes else ''}"""
 
@@ -610,13 +652,14 @@ def load(ckpt: Path, device="auto"):
 
 
 def run(checkpoint, images, labels, out, positive=None, label_column=None, n_boot=1000, seed=0, batch_size=64,
-        device="auto") -> dict:
+        device="auto", metadata=None, image_only=False) -> dict:
     """The CLI as a function: validate, predict, measure, then write ``out`` in one move. Returns the result."""
     ckpt = checkpoint_path(checkpoint)
     lab, matched, skipped, notes = validate(images, labels, out, label_column)
     model, meta = load(ckpt, device)
     pl = plan(meta, lab, positive)
-    result = evaluate(model, meta, lab, matched, positive, n_boot, seed, batch_size, pl)
+    table = None if image_only or not predict.metadata_mode(meta) else external_metadata(labels, images, metadata)
+    result = evaluate(model, meta, lab, matched, positive, n_boot, seed, batch_size, pl, table, image_only)
     result["skipped"] = skipped + result["skipped"]
     given = dict(checkpoint=str(checkpoint), images=str(images), labels=str(labels), notes=notes)
     result["out"] = write_atomically(out, lambda tmp: write_result(result, tmp, given))
@@ -638,6 +681,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--metadata", help="CSV with image_id, age, sex, localization for a model that uses them "
+                                      "(default: the labels CSV's own columns, else metadata.csv beside the images)")
+    p.add_argument("--image-only", action="store_true", help="score a metadata model's image part alone")
     return p.parse_args(argv)
 
 
@@ -646,7 +692,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         result = run(args.checkpoint, args.images, args.labels, args.out, args.positive, args.label_column,
-                     args.n_boot, args.seed, args.batch_size, args.device)
+                     args.n_boot, args.seed, args.batch_size, args.device, args.metadata, args.image_only)
     except ExternalError as e:
         print(f"error: {e}\nnothing was written.", file=sys.stderr)
         return 2
@@ -654,7 +700,8 @@ def main(argv=None) -> int:
         print(f"skipped ({kind}): {reason}", file=sys.stderr)
     t = result["metrics"].set_index("metric")["value"]
     shown = ", ".join(f"{k} {v:.3f}" for k, v in t.items() if pd.notna(v))
-    print(f"{len(result['pred'])} images evaluated, {len(result['skipped'])} skipped; {shown}\n"
+    print(f"{len(result['pred'])} images evaluated ({result['scored_with']}), {len(result['skipped'])} skipped; "
+          f"{shown}\n"
           f"written to {result['out']}", file=sys.stderr)
     return 0
 
@@ -692,6 +739,7 @@ def score_runs(runs, external_dir, out_dir, profile: str | None = None, names=No
     if not folders:
         raise ExternalError(f"no runs{f' of profile {profile!r}' if profile else ''} under {runs}")
     lab, matched, skipped, notes = validate(images, labels_csv, out_dir, label_column)
+    metadata = external_metadata(labels_csv, images)
     results, skipped_runs, internal = {}, [], {}
     for folder in folders:
         info = json.loads((folder / "run.json").read_text())
@@ -703,7 +751,13 @@ def score_runs(runs, external_dir, out_dir, profile: str | None = None, names=No
             skipped_runs.append((name, str(e)))
             continue
         meta = {**meta, "run_name": meta.get("run_name", name)}
-        res = evaluate(model, meta, lab, matched, positive, n_boot, seed, batch_size)
+        image_only = not info.get("uses_metadata")  # an image run shares its checkpoint with its fused twin
+        try:
+            res = evaluate(model, meta, lab, matched, positive, n_boot, seed, batch_size, metadata=metadata,
+                           image_only=image_only)
+        except ExternalError as e:  # e.g. a metadata model on a set without age, sex and site
+            skipped_runs.append((name, str(e)))
+            continue
         res["skipped"] = skipped + res["skipped"]
         res["given"] = dict(checkpoint=str(ckpt), images=str(images), labels=str(labels_csv), notes=notes)
         results[name] = res

@@ -86,6 +86,30 @@ def limits_md() -> str:
     return "\n".join(f"- {line}" for line in DATA_LIMITS)
 
 
+def metadata_md(meta: dict) -> str:
+    """What a model that uses age, sex and site says about them: how it uses them and what that costs elsewhere."""
+    clinical = meta.get("clinical") or {}
+    if not meta.get("uses_metadata"):
+        return ""
+    if meta.get("fusion") == "late":
+        how = (f"late fusion: the network's log-probabilities plus {clinical.get('weight', '?')} x (a logistic "
+               f"regression on age, sex and site, minus the training prior); the regression was fitted on the "
+               f"training split and its strength and the weight chosen on validation (`{meta.get('image_run')}` is "
+               f"the same network without them)")
+    else:
+        how = ("a small metadata branch trained with the network (joint); its features join the pooled image "
+               "features before the head")
+    return f"""
+## Patient metadata
+This model uses the patient's **age, sex and the lesion's anatomical site** beside the image: {how}. Missing values
+are explicit categories, and a site or sex never seen in training is its own category. Such a model is only as
+good as those fields are where it is used: a clinic that records site differently, leaves age blank or serves
+another age mix moves its predictions in ways the image alone would not. `helpers.predict` and
+`helpers.external` need the columns (`--image-only` scores the image part alone), and external validation reports
+both scores side by side.
+"""
+
+
 def model_card(meta: dict, metrics: pd.DataFrame) -> str:
     p, info = meta["provenance"], meta["info"]
     t = metrics.set_index("metric")
@@ -118,7 +142,7 @@ Sensitivity and specificity are for malignancy (mel, bcc, akiec) at the threshol
 for at least 95% sensitivity ({'n/a' if meta.get('malignancy_threshold') is None else f"{meta['malignancy_threshold']:.4f}"}).
 Where the table lists the threshold, their intervals re-choose it on resampled validation lesions in every
 resample, so they include the threshold's own uncertainty.
-
+{metadata_md(meta)}
 ## Known limits
 - Dermatoscopic images only, from two sites (Vienna, Queensland); mostly light skin types. Performance on other
   populations, cameras or clinical photographs is unknown and likely worse.

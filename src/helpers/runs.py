@@ -1,6 +1,6 @@
 """Past one machine: a model notebook's runs as Ray tasks, one run per task (``executor: ray``).
 
-The default executor, ``local``, trains a notebook's runs one after another in the notebook (``experiment.run_model``
+The default executor, ``local``, trains a notebook's runs one after another in the notebook (``run_model``
 as it always did); nothing here is imported then, and Ray never is. With ``executor: ray`` (the profile's setting,
 else ``$HAM_EXECUTOR``, else papermill's ``-p executor ray``, which wins):
 
@@ -50,6 +50,28 @@ RAY_REMEDY = 'pip install -e ".[ray]" (or pip install "ray>=2.9") into this envi
 
 class RunKeyMismatch(RuntimeError):
     """A worker computed another run key than the driver: other code, data or torch on that node."""
+
+
+# ------------------------------------------------------------------------------------------- the notebooks' API
+def run_model(cfg: dict, arch: str, recipes, data: dict, progress: bool = True, executor: str | None = None) -> dict:
+    """Every (recipe, seed) run of one model notebook: ``{run_name: result}``, fused twins included.
+
+    ``executor`` (else ``$HAM_EXECUTOR``, else the profile's ``executor``): ``local`` trains the runs here, one after
+    another; ``ray`` sends each run to a Ray cluster as one task (``helpers.runs``) and reads its results back from
+    the run's folders on disk (those results hold no ``model``: ``meta["checkpoint"]`` loads it)."""
+    from . import experiment as E  # runs -> experiment, never back: the pipeline knows no executor
+
+    if resolve_executor(cfg, executor) == "ray":
+        return run_model_ray(cfg, arch, recipes, data, progress)
+    results = {}
+    for name in recipes:
+        for seed in config.recipe_seeds(cfg, arch, name):
+            res = E.run_recipe(cfg, arch, name, data, seed, progress)
+            results[res["run"]] = res
+            if res["twin"] is not None:
+                results[res["twin"]["run"]] = res["twin"]
+    E.runlock.release_all()  # every model.pt is written: the runs' folders are free for other processes
+    return results
 
 
 # --------------------------------------------------------------------------------------------------- settings
@@ -533,7 +555,7 @@ def run_specs(specs: list[dict], cfg: dict, progress: bool = True) -> tuple[dict
 
 
 def run_model_ray(cfg: dict, arch: str, recipes, data: dict, progress: bool = True) -> dict:
-    """``experiment.run_model`` with ``executor: ray``: ``{run_name: result}`` read back from disk."""
+    """``run_model`` with ``executor: ray``: ``{run_name: result}`` read back from disk."""
     specs = make_specs(cfg, arch, recipes, data)
     if not specs:
         return {}
