@@ -206,7 +206,7 @@ def cpu_has_bf16() -> bool:
         flags = open("/proc/cpuinfo").read()
     except OSError:
         return True
-    return "avx512_bf16" in flags or "amx_bf16" in flags or " flags" not in flags
+    return "avx512_bf16" in flags or "amx_bf16" in flags or "flags" not in flags
 
 
 def train_flops_per_image(model, x: torch.Tensor, y: torch.Tensor, device: torch.device,
