@@ -195,12 +195,32 @@ def test_cpu_peak_context_measures_one_thread_and_bf16_and_restores_the_threads(
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+        monkeypatch.setattr(bench, "cpu_has_bf16", lambda: True)
         out = bench.cpu_peak_context()
         assert torch.get_num_threads() == 2
+        # a CPU without native bf16 would only time an emulation: that row is skipped
+        monkeypatch.setattr(bench, "cpu_has_bf16", lambda: False)
+        out_no_bf16 = bench.cpu_peak_context()
     finally:
         torch.set_num_threads(before)
-    assert calls == [(1, torch.float32), (2, torch.bfloat16)]
+    assert calls == [(1, torch.float32), (2, torch.bfloat16), (1, torch.float32)]
     assert [(o["dtype"], o["threads"]) for o in out] == [("fp32", 1), ("bf16", 2)]
+    assert [(o["dtype"], o["threads"]) for o in out_no_bf16] == [("fp32", 1)]
+
+
+def test_cpu_has_bf16_reads_the_flags_line(monkeypatch, tmp_path):
+    import builtins
+    real_open = builtins.open
+
+    def cpuinfo(text):
+        f = tmp_path / "cpuinfo"
+        f.write_text(text)
+        return lambda path, *a, **k: real_open(f if path == "/proc/cpuinfo" else path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", cpuinfo("flags\t\t: fpu sse avx2 avx512f\n"))
+    assert bench.cpu_has_bf16() is False
+    monkeypatch.setattr(builtins, "open", cpuinfo("flags\t\t: fpu avx512f avx512_bf16 amx_tile\n"))
+    assert bench.cpu_has_bf16() is True
 
 
 def test_compile_payback_and_advice():
@@ -270,11 +290,12 @@ def test_cudnn_benchmark_on_for_cuda_only(monkeypatch):
 
 def test_default_profile_and_model_list(monkeypatch):
     assert bench.default_profile(cuda=True)[0] == "full"
-    import helpers.preflight as PF  # bench uses preflight's choice, the one run_all.sh and the notebooks make
+    import helpers.config as C  # bench uses config's choice, the one run_all.sh and the notebooks make
 
-    monkeypatch.setattr(PF, "profile_names", lambda: ["cpu", "full", "quick", "smoke"])
+    assert bench.default_profile is C.default_profile
+    monkeypatch.setattr(C, "profile_names", lambda: ["cpu", "full", "quick", "smoke"])
     assert bench.default_profile(cuda=False)[0] == "cpu"
-    monkeypatch.setattr(PF, "profile_names", lambda: ["full", "quick", "smoke"])
+    monkeypatch.setattr(C, "profile_names", lambda: ["full", "quick", "smoke"])
     assert bench.default_profile(cuda=False)[0] == "quick"
     cfg = {"name": "x", "models": {"resnet34": ["reference", "tuned"], "resnet50": ["tuned"]},
            "recipes": {"reference": {}, "tuned": {}}}

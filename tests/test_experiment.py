@@ -15,7 +15,7 @@ def run_in(tmp_path, monkeypatch, name, disturb_seed):
     from the global RNG as an earlier cell might have."""
     monkeypatch.setenv("HAM_REPORTS_DIR", str(tmp_path / name / "reports"))
     monkeypatch.setenv("HAM_MODELS_DIR", str(tmp_path / name / "models"))
-    cfg = load_profile("smoke")
+    cfg = load_profile("smoke", max_train_images=128, bootstrap=20, gradcam_per_class=1)  # seconds, not tens
     data = prepare_data(cfg)
     torch.manual_seed(disturb_seed)
     torch.rand(disturb_seed + 1)

@@ -166,7 +166,7 @@ def test_known_answer_with_fixed_probabilities(ckpt, tmp_path, monkeypatch):
                   "melanoma": [1, 1, 1, 1, 0, 0, 0, 0]}).to_csv(tmp_path / "ext" / "labels.csv", index=False,
                                                                 encoding="utf-8-sig")  # with a BOM, as Excel saves
 
-    def fixed(model, meta, paths, batch_size=64, device=None):
+    def fixed(model, meta, paths, batch_size=64, device=None, metadata=None, image_only=False):
         rows = []
         for p in map(Path, paths):
             k = ids.index(p.stem)

@@ -66,7 +66,8 @@ def test_cli_predicts_good_images_and_names_bad_ones(setup, tmp_path):
     table = pd.read_csv(out)
     assert sorted(table.path) == sorted(map(str, setup["good"]))
     prob_cols = [f"p_{c}" for c in DX_CLASSES]
-    assert list(table.columns) == ["path", "predicted", *prob_cols]
+    assert list(table.columns) == ["path", "predicted", *prob_cols, "scored_with"]
+    assert set(table.scored_with) == {"image"}  # this model uses no metadata
     np.testing.assert_allclose(table[prob_cols].sum(axis=1), 1.0, atol=1e-6)
     assert (table.predicted == [DX_CLASSES[i] for i in table[prob_cols].to_numpy().argmax(1)]).all()
     expected = reference_probs(setup["ckpt"], table.path)

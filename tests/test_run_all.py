@@ -1,4 +1,4 @@
-"""run_all.sh and its Python side (helpers.preflight), and the HTML pages: fail fast with one clear line, never lose
+"""run_all.sh and its Python side (helpers.runner, helpers.preflight), and the HTML pages: fail fast with one clear line, never lose
 reports, a default profile that fits the machine, parameters that do what they say, alt text and a headline.
 
 The run_all.sh tests run the script in a subprocess, but only up to an early failure or with two tiny notebooks
@@ -18,6 +18,8 @@ import pytest
 
 from helpers import preflight as PF
 from helpers import report as R
+from helpers import runner as RN
+from helpers import config as C
 from helpers.config import load_profile, recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,13 +148,13 @@ def test_check_target_rules(tmp_path):
 
 def test_publish_replaces_only_its_own_output(tmp_path):
     target = tmp_path / "reports"
-    stage = PF.make_stage(target, "smoke")
+    stage = RN.make_stage(target, "smoke")
     for name, text in [("old.txt", "old"), ("benchmark_cpu.md", "bench"), (".gitkeep", "")]:
         (target / name).write_text(text)
     (target / "old_run").mkdir()
     (stage / "new.txt").write_text("new")
     (stage / "notebooks").mkdir()
-    PF.publish(stage, target)
+    RN.publish(stage, target)
     assert sorted(p.name for p in target.iterdir()) == sorted(
         [".gitkeep", PF.MARKER, "_partial", "benchmark_cpu.md", "new.txt", "notebooks"])
     assert list((target / "_partial").iterdir()) == []
@@ -222,11 +224,11 @@ def test_successful_run_replaces_reports_keeps_benchmarks_and_renders_alt_text(t
 
 # ------------------------------------------------------------------------------------------- the profile
 def test_default_profile_fits_the_machine(monkeypatch):
-    assert PF.default_profile(cuda=False) == ("cpu", "no CUDA visible")
+    assert C.default_profile(cuda=False) == ("cpu", "no CUDA visible")
     monkeypatch.setattr("torch.cuda.get_device_name", lambda i=0: "Fake GPU")
-    assert PF.default_profile(cuda=True)[0] == "full"
+    assert C.default_profile(cuda=True)[0] == "full"
     monkeypatch.setattr("helpers.config.profile_names", lambda: ["full", "quick", "smoke"])
-    assert PF.default_profile(cuda=False)[0] == "quick"
+    assert C.default_profile(cuda=False)[0] == "quick"
 
 
 def test_profile_env_wins_over_default_and_argument_over_env(monkeypatch):
@@ -267,66 +269,67 @@ def test_measured_step_is_cached_per_machine(monkeypatch, tmp_path):
     assert PF.step_seconds(dict(r, augment="none"), 32, measure=lambda *a: 2.0) == (2.0, True)  # recipe in key
 
 
-def test_first_line_says_profile_why_and_measured_estimate(tmp_path, monkeypatch, capsys):
+def test_first_line_says_profile_why_and_measured_estimate(tmp_path, monkeypatch):
     monkeypatch.setenv("HAM_PREFLIGHT_TIMING", "1")
     monkeypatch.setenv("HAM_REPORTS_DIR", str(tmp_path / "r"))
     monkeypatch.delenv("HAM_PROFILE")
     monkeypatch.setattr("helpers.config.cuda_visible", lambda: False)
     monkeypatch.setattr("helpers.config.profile_names", lambda: ["full", "quick", "smoke"])  # no cpu: quick
     monkeypatch.setattr(PF, "step_seconds", lambda *a, **k: (0.5, True))
-    assert PF.start(tmp_path / "env", None, ["-p", "weights", "none"]) == 0
-    first = capsys.readouterr().out.splitlines()[0]
-    assert first.startswith("[run_all] profile quick (no CUDA visible") and "min on this machine (measured)" in first
-    env = dict(line.split("=", 1) for line in (tmp_path / "env").read_text().split())
-    assert env["PROFILE"] == "quick" and env["UPDATE_README"] == "0" and Path(env["STAGE"]).is_dir()
+    plan = PF.prepare(None, {"weights": "none"})
+    assert plan.profile == "quick" and plan.target == tmp_path / "r"
+    assert plan.lines[0].startswith("profile quick (no CUDA visible") and "min on this machine (measured)" in \
+        plan.lines[0]
+    assert not (tmp_path / "r").exists()  # preflight writes nothing
 
 
-def test_readme_update_only_for_the_committed_profile_into_the_checkouts_reports(tmp_path, monkeypatch):
-    monkeypatch.setattr(PF, "estimate_seconds", lambda *a, **k: 60.0)
-    monkeypatch.setattr(PF, "make_stage", lambda target, profile: tmp_path / "stage")
-    monkeypatch.setattr(PF, "check_weights", lambda *a: None)
-    for reports, want in [(None, "1"), (str(tmp_path / "elsewhere"), "0")]:
-        if reports:
-            monkeypatch.setenv("HAM_REPORTS_DIR", reports)
-        else:
-            monkeypatch.delenv("HAM_REPORTS_DIR")
-        assert PF.start(tmp_path / "env", "cpu", []) == 0
-        assert f"UPDATE_README={want}" in (tmp_path / "env").read_text()
+def test_readme_update_only_for_the_committed_profile_into_the_checkouts_reports(tmp_path):
+    reports = PF.project_root() / "reports"
+    assert RN.updates_readme("cpu", reports)
+    assert not RN.updates_readme("cpu", tmp_path / "elsewhere")
+    assert not RN.updates_readme("quick", reports)
 
 
-def test_papermill_params():
-    assert PF.papermill_params(["-p", "weights", "none", "-p", "data_dir", "/d", "-r", "x", "1", "--foo"]) == \
-        {"weights": "none", "data_dir": "/d", "x": "1"}
+def test_run_all_parameters_are_typed_as_papermill_types_them():
+    args = RN.parse_args(["quick", "-p", "weights", "none", "-p", "epochs", "2", "-p", "flag", "True",
+                          "-r", "x", "1"])
+    assert args.profile == "quick"
+    assert args.params == {"weights": "none", "epochs": 2, "flag": True, "x": "1"}
+    assert RN.parse_args(["-p", "executor", "ray"]).profile is None
 
 
 # ---------------------------------------------------------------------------- parameters that do what they say
 def test_model_recipes():
     cfg = load_profile("smoke")
     arch = next(iter(cfg["models"]))
-    assert PF.model_recipes(cfg, arch) == cfg["models"][arch]
-    assert PF.model_recipes(cfg, "resnet18") == list(cfg["recipes"])  # any architecture: the profile's recipes
-    assert PF.model_recipes(cfg, "resnet152", "tuned") == ["tuned"]
+    assert C.model_recipes(cfg, arch) == cfg["models"][arch]
+    assert C.model_recipes(cfg, "resnet18") == list(cfg["recipes"])  # any architecture: the profile's recipes
+    assert C.model_recipes(cfg, "resnet152", "tuned") == ["tuned"]
     with pytest.raises(ValueError, match="unknown architecture 'resnet19': choose one of resnet18, resnet34"):
-        PF.model_recipes(cfg, "resnet19")
+        C.model_recipes(cfg, "resnet19")
     with pytest.raises(ValueError, match=r"unknown recipe 'fancy' for profile 'smoke': choose from .*tuned"):
-        PF.model_recipes(cfg, "resnet34", ["tuned", "fancy"])
+        C.model_recipes(cfg, "resnet34", ["tuned", "fancy"])
     with pytest.raises(ValueError, match="no recipes"):
-        PF.model_recipes(cfg, "resnet34", [])
+        C.model_recipes(cfg, "resnet34", [])
 
 
 # ---------------------------------------------------------------------------------- failure report lines
 def test_notebook_failure_names_notebook_cell_and_exception(tmp_path):
+    from papermill.exceptions import PapermillExecutionError
+
     nb = nbformat.v4.new_notebook()
-    injected = nbformat.v4.new_code_cell("profile = 'quick'")
-    injected.metadata["tags"] = ["injected-parameters"]
-    bad = nbformat.v4.new_code_cell("\n# load\ncfg = load_profile(profile)\nmore()")
-    bad.outputs = [nbformat.v4.new_output("error", ename="KeyError", evalue="'resnet18'\nsecond line",
-                                          traceback=["\x1b[31mTraceback...\x1b[0m"])]
-    nb.cells = [nbformat.v4.new_markdown_cell("# t"), nbformat.v4.new_code_cell("profile = None"), injected, bad]
+    params = nbformat.v4.new_code_cell("profile = None")
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [nbformat.v4.new_markdown_cell("# t"), params, nbformat.v4.new_code_cell("\n# load\ncfg = 1")]
     nbformat.write(nb, tmp_path / "02_x.ipynb")
-    lines = PF.notebook_failure(tmp_path / "02_x.ipynb", "notebooks/02_x.ipynb")
-    assert lines[0] == ("[run_all] FAILED in notebooks/02_x.ipynb, cell 3 (# load): KeyError: 'resnet18'")
+    # executed, the notebook holds papermill's injected cell after the parameters: the failing cell is at index 3
+    err = PapermillExecutionError(cell_index=3, exec_count=2, source="\n# load\ncfg = 1", ename="KeyError",
+                                  evalue="\x1b[31m'resnet18'\x1b[0m\nsecond line", traceback=[])
+    lines = RN.failure_lines(err, tmp_path / "02_x.ipynb", "notebooks/02_x.ipynb")
+    assert lines[0] == "[run_all] FAILED in notebooks/02_x.ipynb, cell 3 (# load): KeyError: 'resnet18'"
     assert lines[1].endswith("second line")
+    before = PapermillExecutionError(cell_index=0, exec_count=1, source="x", ename="E", evalue="v", traceback=[])
+    assert "cell 1 (x)" in RN.failure_lines(before, tmp_path / "02_x.ipynb", "n")[0]  # before the injection
 
 
 # ---------------------------------------------------------------------------------------- HTML pages
@@ -357,7 +360,11 @@ def _fake_reports(root: Path):
                   "Balanced acc.": ["0.600 [0.550, 0.650]", "0.500 (0.49–0.51)", "0.143 [0.143, 0.143]"],
                   "val_loss (selects)": ["0.4", "0.5", "1.2"]},
                  index=["resnet34_tuned", "resnet50_tuned", "majority class (nv)"]).to_csv(root / "compare" / "comparison_ci.csv")
-    pd.DataFrame({"auc": [0.92, 0.90, 0.5], "val_loss": [0.4, 0.5, 1.2], "n_seeds": [1, 1, 0]},
+    # the headline reads these numeric columns, never the display strings above
+    pd.DataFrame({"auc": [0.92, 0.90, 0.5], "auc_ci_low": [0.901, 0.89, None], "auc_ci_high": [0.934, 0.91, None],
+                  "balanced_accuracy": [0.6, 0.5, 1 / 7], "balanced_accuracy_ci_low": [0.55, 0.49, None],
+                  "balanced_accuracy_ci_high": [0.65, 0.51, None], "val_loss": [0.4, 0.5, 1.2],
+                  "n_seeds": [1, 1, 0], "select_metric": ["val_loss"] * 3, "is_best": [True, False, False]},
                  index=pd.Index(["resnet34_tuned", "resnet50_tuned", "majority class (nv)"], name="model")
                  ).to_csv(root / "compare" / "comparison.csv")
 
@@ -366,10 +373,11 @@ def test_index_opens_with_the_headline_and_every_figure_has_alt_text(tmp_path):
     _fake_reports(tmp_path)
     sentence = R.headline(tmp_path)
     assert sentence == ("Best model, chosen on validation val_loss: resnet34_tuned, with macro AUC 0.920 (95% CI "
-                        "0.901–0.934) and balanced accuracy 0.600 (95% CI 0.550–0.650) on the lesion-grouped test "
-                        "split of HAM10000 @ 200x150 (64x64 input, random init), profile cpu.")
+                        "0.901–0.934) and balanced accuracy of the plain argmax 0.600 (95% CI 0.550–0.650), per "
+                        "image, on the lesion-grouped test split of HAM10000 @ 200x150 (64x64 input, random init), "
+                        "profile cpu.")
     page = R.write_index(tmp_path).read_text()
-    assert page.index(sentence.split(",")[0]) < page.index("<table")
+    assert page.index(sentence.split(",")[0]) < page.index("<img")  # the headline opens the page
     from bs4 import BeautifulSoup
 
     imgs = BeautifulSoup(page, "html.parser").find_all("img")
@@ -397,5 +405,5 @@ def test_model_recipes_for_a_model_the_profile_skips():
     skipped = [a for a, rs in cfg["models"].items() if not rs]
     if not skipped:
         pytest.skip("the quick profile skips no model")
-    assert PF.model_recipes(cfg, skipped[0]) == []
-    assert PF.model_recipes(cfg, "resnet18") == list(cfg["recipes"])
+    assert C.model_recipes(cfg, skipped[0]) == []
+    assert C.model_recipes(cfg, "resnet18") == list(cfg["recipes"])

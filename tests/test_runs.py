@@ -248,7 +248,7 @@ def test_a_claimant_with_a_timeout_stops_naming_the_holder(tmp_path, monkeypatch
 
 
 def test_the_default_path_imports_no_ray():
-    code = ("import sys, helpers.config, helpers.experiment, helpers.preflight; "
+    code = ("import sys, helpers.config, helpers.experiment, helpers.preflight, helpers.runner; "
             "from helpers.runs import resolve_executor; "
             "assert resolve_executor({'executor': 'local'}) == 'local'; "
             "print([m for m in sys.modules if m == 'ray' or m.startswith('ray.')])")
@@ -313,7 +313,7 @@ def test_preflight_stops_in_seconds_when_ray_cannot_run(monkeypatch, capsys):
     # run_all.sh's first step: the message alone, the remedy last, exit code 2, nothing staged.
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
     monkeypatch.setenv("HAM_PREFLIGHT_TIMING", "0")
-    assert PF.main(["start", os.devnull, "smoke", "--", "-p", "executor", "ray"]) == 2
+    assert PF.main(["smoke", "-p", "executor", "ray"]) == 2
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("[run_all] RAY_ADDRESS=127.0.0.1:9")
 
 

@@ -15,7 +15,7 @@ malignancy threshold is the checkpoint's, chosen on HAM10000's validation split,
 threshold fitted on the external labels is the one labelled "oracle".
 
 A checkpoint that uses the patient's metadata needs ``age``, ``sex`` and ``localization`` per image: columns of the
-labels CSV, or ``--metadata CSV`` (``metadata.csv`` beside the images by default). Without them it stops naming the
+labels CSV, or ``--metadata CSV`` (``metadata.csv`` in the images folder by default). Without them it stops naming the
 columns; ``--image-only`` scores the image part alone. With them, the image-only and the fused scores are reported
 side by side (``metrics_image_only.csv``), since such a model is only as good as those fields are in a new clinic.
 
@@ -23,6 +23,10 @@ Writes ``predictions.csv``, ``metrics.csv`` (metric, value, ci_low, ci_high), ``
 (``evaluation.png`` too for 7-class labels), ``skipped.csv`` when anything was skipped, and ``external.md``. Every
 input is checked before anything is written, and the files are written to a temporary folder that then replaces
 ``--out``: on a fatal error nothing is written.
+
+Why one module of this size: its one job is a command-line tool that must check every input before writing
+anything (labels, images, metadata, classes, groups), score with intervals and write its report; the checks are
+most of it, and each names the file or row at fault.
 """
 from __future__ import annotations
 
@@ -355,9 +359,9 @@ def primary_view(pred: pd.DataFrame, pl: Plan) -> tuple[str, pd.DataFrame, tuple
 # ----------------------------------------------------------------------------------------------- one checkpoint
 def external_metadata(labels_csv, images_dir, given=None) -> pd.DataFrame | None:
     """Age, sex and site per image_id for a metadata model: ``given`` (a CSV), else the labels CSV when it holds
-    the columns, else ``metadata.csv`` beside the images; None when none has them."""
-    for path in [given] if given else [labels_csv, Path(images_dir) / "metadata.csv", Path(images_dir).parent /
-                                       "metadata.csv"]:
+    the columns, else ``metadata.csv`` in the images folder (where ``helpers.predict`` looks too); None when none
+    has them."""
+    for path in [given] if given else [labels_csv, Path(images_dir) / "metadata.csv"]:
         if path and Path(path).is_file():
             head = pd.read_csv(path, nrows=0).columns
             if given or all(c in head for c in C.COLUMNS):
@@ -682,7 +686,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--metadata", help="CSV with image_id, age, sex, localization for a model that uses them "
-                                      "(default: the labels CSV's own columns, else metadata.csv beside the images)")
+                                      "(default: the labels CSV's own columns, else metadata.csv in the images folder)")
     p.add_argument("--image-only", action="store_true", help="score a metadata model's image part alone")
     return p.parse_args(argv)
 

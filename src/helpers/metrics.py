@@ -9,6 +9,9 @@ those images are far from independent, and an image-level bootstrap would report
 Models are compared the same way: paired differences over lesion resamples (``compare_models``), with Holm's
 adjustment across the comparisons made. scikit-learn and SciPy compute the metrics; this module chooses and wires
 them.
+
+Why one module of this size: every number the reports quote goes through the same lesion-grouped resampling,
+so the metrics, the bootstrap, the paired tests, strata and decision curves live together around it.
 """
 from __future__ import annotations
 
@@ -16,7 +19,6 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 from sklearn.metrics import (accuracy_score, balanced_accuracy_score, classification_report, confusion_matrix,
                              log_loss, roc_auc_score, roc_curve)
 

@@ -1,41 +1,35 @@
-"""Before anything runs: which profile, whether it can start, how long it will take, and where its reports go.
+"""Before anything runs: which profile, whether it can start, and how long it will take.
 
-``run_all.sh`` calls this module once before the first notebook (``python -m helpers.preflight start ...``): it
-chooses the profile (the one given, else ``$HAM_PROFILE``, else ``default_profile()``), checks in seconds what
-would otherwise fail minutes later inside a notebook (the profile and its recipes load, the data folder resolves
-and its metadata is sound, ImageNet weights are there when the profile asks for them, the output folder is one
-``run_all.sh`` may replace), times a few training steps of each model to estimate the run's duration, and creates
-the staging folder the notebooks write into. A failure prints its message alone, its last line naming the folder
-and the remedy, and nothing is written.
+``helpers.runner`` (behind ``./run_all.sh``) calls ``prepare`` once before the first notebook: it chooses the profile
+(the one given, else ``$HAM_PROFILE``, else ``config.default_profile()``), checks in seconds what would otherwise
+fail minutes later inside a notebook (the profile and its recipes load, the executor can start, the data folder
+resolves and its metadata is sound, ImageNet weights are there when the profile asks for them, the output folder is
+one the runner may replace), and times the training loop's own step (``train.training_step``) for each model to
+estimate the run's duration. A failure is a ``PreflightError`` whose last line names the folder and the remedy.
 
-After the notebooks: ``failed`` names the notebook, cell and exception of a failed run (from papermill's output
-notebook); ``publish`` replaces the reports with the staged ones, keeping what ``run_all.sh`` does not make.
+``python -m helpers.preflight [PROFILE] [-p NAME VALUE ...]`` runs the same checks alone. Only light modules are
+imported at module level (``config`` needs PyYAML alone); torch and the data code are imported by the checks that
+use them.
 
-The notebooks use ``default_profile`` (through ``config.load_profile(None)``) and ``model_recipes`` (which
-recipes a model notebook trains) too. Only light modules are imported at module level (``config`` needs PyYAML
-alone); torch and the data code are imported by the checks that use them.
+Why one module of this size: the checks are many, small and independent, and each carries its own message and
+remedy; the estimate beside them times the training loop's own step.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-import re
-import shlex
-import shutil
 import socket
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import config
-from .config import PROFILE_DIR, profile_names, project_root
+from .config import COMMITTED_PROFILE, PROFILE_DIR, cuda_visible, default_profile, model_recipes, profile_names, \
+    project_root
 
-MARKER = ".made-by-run_all"
-MARKER_TEXT = ("This folder was made by run_all.sh, which may replace its contents (except _partial/, benchmark* "
-               "and dot-files)\non the next successful run. It refuses to replace a non-empty folder without this "
-               "file.\n")
-KEEP_PARTIALS = 5  # failed runs' staging folders kept under <reports>/_partial/
+MARKER = ".made-by-run_all"  # in a reports folder the runner made, and so may replace
 TOUR = "./run_all.sh quick is a 10-minute tour"
 EXAMPLE_DATA = "../shared/data/ham10000-200x150"
 
@@ -50,9 +44,6 @@ class PreflightError(Exception):
 
 
 # ------------------------------------------------------------------------------------------------ choices
-# The profile choice and the recipe API live in config (the notebooks import them from there); re-exported here for
-# the runner's callers.
-from .config import COMMITTED_PROFILE, cuda_visible, default_profile, known_archs, model_recipes  # noqa: E402,F401
 
 
 def choose_profile(given: str | None = None) -> tuple[str, str]:
@@ -62,24 +53,6 @@ def choose_profile(given: str | None = None) -> tuple[str, str]:
     if os.environ.get("HAM_PROFILE"):
         return os.environ["HAM_PROFILE"], "from $HAM_PROFILE"
     return default_profile()
-
-
-def papermill_params(args) -> dict:
-    """The ``-p name value`` / ``-r name value`` pairs of papermill options (values as given, -p ones parsed as
-    YAML scalars as papermill does)."""
-    import yaml
-
-    out, args = {}, list(args)
-    for i, a in enumerate(args[:-2]):
-        if a in ("-p", "--parameters", "-r", "--parameters_raw"):
-            name, value = args[i + 1], args[i + 2]
-            if a in ("-p", "--parameters"):
-                try:
-                    value = yaml.safe_load(value)
-                except yaml.YAMLError:
-                    pass
-            out[name] = value
-    return out
 
 
 # ------------------------------------------------------------------------------------------------- checks
@@ -160,11 +133,7 @@ def _can_reach(url: str, timeout: float = 3.0) -> bool:
     from urllib.parse import urlparse
 
     u = urlparse(url)
-    try:
-        with socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    return _can_connect(u.hostname, u.port or (443 if u.scheme == "https" else 80), timeout)
 
 
 def check_weights(cfg: dict, runs) -> str | None:
@@ -266,8 +235,8 @@ def check_executor(profile: str, cfg: dict, params: dict) -> str | None:
     if gpu_profile and cluster_gpus == 0:
         raise PreflightError(f"executor ray: profile {profile!r} wants a GPU per run and {where} has none "
                              f"({resources.get('CPU', 0):g} CPUs).",
-                             f"RAY_ADDRESS: point it at a cluster with GPU nodes (docs/scale-out.md), or run the cpu "
-                             f"profile, or set ALLOW_CPU=1 (full) / gpus_per_run: 0 to run on its CPUs.")
+                             "RAY_ADDRESS: point it at a cluster with GPU nodes (docs/scale-out.md), or run the cpu "
+                             "profile, or set ALLOW_CPU=1 (full) / gpus_per_run: 0 to run on its CPUs.")
     if cpus > node_cpus:
         raise PreflightError(f"executor ray: cpus_per_run {cpus:g} is more than any node of {where} has "
                              f"({node_cpus:g}); no run could start.",
@@ -433,7 +402,7 @@ def _kept(name: str, target: Path) -> bool:
 
 
 def check_target(target: Path) -> bool:
-    """May run_all.sh replace ``target``'s reports? Yes when it does not exist, is empty (bar kept entries), holds
+    """May the runner replace ``target``'s reports? Yes when it does not exist, is empty (bar kept entries), holds
     run_all.sh's marker, or is the checkout's own reports/ (marked now). Returns whether the marker is (to be)
     written; raises PreflightError otherwise."""
     target = Path(target)
@@ -454,90 +423,21 @@ def check_target(target: Path) -> bool:
         f"earlier run_all.sh reports, create {target / MARKER}).")
 
 
-def mark(folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    if not (folder / MARKER).exists():
-        (folder / MARKER).write_text(MARKER_TEXT)
+# ------------------------------------------------------------------------------------------------ prepare
+@dataclass
+class Plan:
+    """A run that may start: its profile, why that one, where its reports go, and the lines to show first."""
+
+    profile: str
+    why: str
+    target: Path
+    lines: list[str] = field(default_factory=list)
 
 
-def make_stage(target: Path, profile: str) -> Path:
-    """A new staging folder ``<target>/_partial/<profile>-<time>/`` (marked), pruning old failed runs' ones."""
-    mark(target)
-    partial = target / "_partial"
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    stage = partial / f"{profile}-{stamp}"
-    n = 1
-    while stage.exists():
-        n += 1
-        stage = partial / f"{profile}-{stamp}-{n}"
-    mark(stage)
-    old = sorted((p for p in partial.iterdir() if p != stage and (p / MARKER).exists()),
-                 key=lambda p: p.stat().st_mtime)
-    for p in old[:-KEEP_PARTIALS] if len(old) > KEEP_PARTIALS else []:
-        shutil.rmtree(p, ignore_errors=True)
-    return stage
-
-
-def publish(stage: Path, target: Path) -> None:
-    """Replace ``target``'s reports with ``stage``'s (both made by run_all.sh): the previous entries move aside,
-    the new ones move in (renames on one file system), then the previous ones are deleted. ``_partial/``,
-    ``benchmark*``, dot-files (and ``smoke/`` in the checkout's reports) stay."""
-    stage, target = Path(stage), Path(target)
-    for folder in (stage, target):
-        if not (folder / MARKER).exists():
-            raise PreflightError(f"{folder} lost its {MARKER} marker during the run; nothing was replaced.",
-                                 f"{folder}: the new reports are in {stage}; move them by hand.")
-    previous = stage.parent / f"{stage.name}-previous"
-    previous.mkdir()
-    (previous / MARKER).write_text(MARKER_TEXT)
-    for p in list(target.iterdir()):
-        if not _kept(p.name, target):
-            os.replace(p, previous / p.name)
-    for p in list(stage.iterdir()):
-        if p.name != MARKER:
-            os.replace(p, target / p.name)
-    shutil.rmtree(previous)
-    shutil.rmtree(stage)
-
-
-# ----------------------------------------------------------------------------------------- failed notebooks
-_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-def notebook_failure(ipynb: str | Path, name: str | None = None) -> list[str]:
-    """Lines naming where papermill's output notebook failed: the notebook, the cell (its number in the source
-    notebook, from 1, and first line) and the exception's type and message. [] when no cell raised."""
-    import nbformat
-
-    ipynb = Path(ipynb)
-    name = name or f"notebooks/{ipynb.name}"
-    try:
-        nb = nbformat.read(ipynb, as_version=4)
-    except Exception:
-        return []
-    number = 0
-    for cell in nb.cells:
-        tags = set(cell.get("metadata", {}).get("tags", []))
-        if tags & {"injected-parameters", "papermill-error-cell-tag"}:
-            continue
-        number += 1
-        for out in cell.get("outputs", []):
-            if out.get("output_type") == "error":
-                first = next((ln.strip() for ln in cell.source.splitlines() if ln.strip()), "")
-                first = first if len(first) <= 70 else first[:67] + "..."
-                message = _ANSI.sub("", str(out.get("evalue", ""))).strip().splitlines() or [""]
-                lines = [f"[run_all] FAILED in {name}, cell {number} ({first}): {out.get('ename', 'Error')}: "
-                         f"{message[0]}"]
-                lines += [f"[run_all]   {ln}" for ln in message[1:12]]
-                return lines
-    return []
-
-
-# ---------------------------------------------------------------------------------------------------- CLI
-def start(env_file: Path, given: str | None, pm_args) -> int:
-    """run_all.sh's first step: choose, check, estimate, stage. Writes shell assignments to ``env_file``."""
+def prepare(given: str | None, params: dict) -> Plan:
+    """Choose, check (profile, executor, GPU, output folder, data, weights: quickest first), then estimate. Raises
+    PreflightError, its ``what`` opening with the profile and that nothing was written."""
     profile, why = choose_profile(given)
-    params = papermill_params(pm_args)
     try:
         cfg, runs = check_profile(profile, params)
         cluster = check_executor(profile, cfg, params)  # executor ray: the runs' GPUs are the cluster's
@@ -548,58 +448,31 @@ def start(env_file: Path, given: str | None, pm_args) -> int:
         df = check_data(cfg, params)
         note = check_weights(cfg, runs)
     except PreflightError as e:
-        print(f"[run_all] profile {profile} ({why}): stopped before any notebook ran; nothing was written.")
-        for line in e.what.splitlines():
-            print(f"[run_all] {line}")
-        print(f"[run_all] {e.fix}")
-        return 2
-    first = f"[run_all] profile {profile} ({why})"
+        e.what = f"profile {profile} ({why}): stopped before any notebook ran; nothing was written.\n{e.what}"
+        raise
+    first = f"profile {profile} ({why})"
     if os.environ.get("HAM_PREFLIGHT_TIMING", "1") != "0" and runs and cluster is None:  # ray: not this machine
         if sys.stdout.isatty():
-            print(f"{first}: timing a few training steps ...", end="\r", flush=True)
-        seconds = estimate_seconds(cfg, runs, len(df))
-        first += f", about {fmt_minutes(seconds)} on this machine (measured)"
+            print(f"[run_all] {first}: timing a few training steps ...", end="\r", flush=True)
+        first += f", about {fmt_minutes(estimate_seconds(cfg, runs, len(df)))} on this machine (measured)"
     if profile not in ("quick", "smoke"):
         first += f"; {TOUR}"
-    print(first.ljust(100) if sys.stdout.isatty() else first, flush=True)
-    for line in (cluster, note):
-        if line:
-            print(f"[run_all] {line}")
-    stage = make_stage(target, profile)
-    committed = profile == COMMITTED_PROFILE and target.resolve() == project_root().resolve() / "reports"
-    env = dict(PROFILE=profile, OUT=str(target), STAGE=str(stage), UPDATE_README="1" if committed else "0")
-    Path(env_file).write_text("".join(f"{k}={shlex.quote(v)}\n" for k, v in env.items()))
-    return 0
+    return Plan(profile, why, target, [first.ljust(90) if sys.stdout.isatty() else first,
+                                       *(line for line in (cluster, note) if line)])
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    usage = ("usage: python -m helpers.preflight start ENV_FILE [PROFILE] [-- papermill options] | "
-             "failed OUTPUT_NOTEBOOK [NAME] | publish STAGE TARGET | default")
-    if not argv:
-        print(usage)
+    """``python -m helpers.preflight [PROFILE] [-p NAME VALUE ...]``: the checks and the estimate alone."""
+    from .runner import parse_args
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        plan = prepare(args.profile, args.params)
+    except PreflightError as e:
+        print("\n".join(f"[run_all] {line}" for line in [*e.what.splitlines(), e.fix]))
         return 2
-    cmd, rest = argv[0], argv[1:]
-    if cmd == "start" and rest:
-        pm = rest[rest.index("--") + 1:] if "--" in rest else []
-        head = rest[: rest.index("--")] if "--" in rest else rest
-        return start(Path(head[0]), head[1] if len(head) > 1 and head[1] else None, pm)
-    if cmd == "failed" and rest:
-        lines = notebook_failure(rest[0], rest[1] if len(rest) > 1 else None)
-        print("\n".join(lines))
-        return 0 if lines else 1
-    if cmd == "publish" and len(rest) == 2:
-        try:
-            publish(Path(rest[0]), Path(rest[1]))
-        except PreflightError as e:
-            print(f"[run_all] {e.what}\n[run_all] {e.fix}")
-            return 1
-        return 0
-    if cmd == "default":
-        print(*choose_profile(None), sep="\t")
-        return 0
-    print(usage)
-    return 2
+    print("\n".join(f"[run_all] {line}" for line in plan.lines))
+    return 0
 
 
 if __name__ == "__main__":

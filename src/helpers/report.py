@@ -3,6 +3,10 @@
 Everything here reads files that the model notebooks wrote under ``reports/`` (predictions, metrics, history,
 run.json), so the comparison can be re-made without retraining and every number traces back to a saved run.
 This module imports nothing from ``experiment`` (which imports it); the provenance line lives here.
+
+Why one module of this size: it holds one job, turning saved runs into the written results (the comparison table
+and its baselines, the review strata, summary.md and README's block, the model cards, the index page), and those
+parts share one set of row names, labels and provenance; split, each part would import the others' constants.
 """
 from __future__ import annotations
 

@@ -25,6 +25,9 @@ was only presumed dead, or two notebooks asking for one run, never train it twic
 
 ``python -m helpers.runs queue PROFILE`` submits every model notebook's runs of a profile at once (one cluster, one
 queue, longest first); ``python -m helpers.runs plan PROFILE`` estimates a study's makespan on K GPUs on paper.
+
+Why one module of this size: everything Ray needs (specs, the worker, submission with retries, run-key checks,
+the live table, the cluster-wide queue) is in one optional module, so the default path imports none of it.
 """
 from __future__ import annotations
 
