@@ -162,7 +162,7 @@ def test_no_host_read_per_step(monkeypatch, which):
         else:
             path = bench.ProjectPath(x_cache, y_cache, 4, 16, dev, check_every=50)
             bench.seconds_per_step(lambda: path(step), steps, 1, dev)
-            assert path.i == steps + 1
+            assert path.i == steps + 2  # torch.utils.benchmark.Timer warms up with two calls (at least)
         counts.append(len(calls))
         monkeypatch.undo()
     assert counts[0] == counts[1], counts

@@ -313,7 +313,9 @@ def test_preflight_stops_in_seconds_when_ray_cannot_run(monkeypatch, capsys):
     # run_all.sh's first step: the message alone, the remedy last, exit code 2, nothing staged.
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
     monkeypatch.setenv("HAM_PREFLIGHT_TIMING", "0")
-    assert PF.main(["smoke", "-p", "executor", "ray"]) == 2
+    from helpers import runner
+
+    assert runner.run(["smoke", "-p", "executor", "ray"]) == 2
     assert capsys.readouterr().out.strip().splitlines()[-1].startswith("[run_all] RAY_ADDRESS=127.0.0.1:9")
 
 

@@ -200,8 +200,11 @@ def test_fit_the_benchmark_and_the_estimate_run_the_same_step(monkeypatch):
     from helpers.config import resolve_recipe
 
     x, y = tiny_data(16)
+    # No dropout: no random draw to differ. SGD, so the parameters after the step are comparable: Adam's first
+    # step moves each weight by about lr x sign(gradient), and a gradient that is zero up to rounding (summed in
+    # another order of the same batch) would flip its sign.
     r = resolve_recipe({**RECIPE, "epochs": 1, "batch_size": 16, "augment": "none", "schedule": "none",
-                        "label_smoothing": 0.1, "head": "linear"})  # no dropout: no random draw to differ
+                        "label_smoothing": 0.1, "head": "linear", "optimizer": "sgd", "lr": 0.05})
     dev = torch.device("cpu")
 
     def fresh():
@@ -220,6 +223,15 @@ def test_fit_the_benchmark_and_the_estimate_run_the_same_step(monkeypatch):
     path(bstep)
     assert float(hist.train_loss.iloc[0]) == pytest.approx(float(loss), rel=1e-5)
     assert float(path.total_loss) / 16 == pytest.approx(float(loss), rel=1e-5)
+    start = fresh().state_dict()
+    after = {name: m.state_dict() for name, m in [("fit", fitted), ("training_step", bare), ("bench", benched)]}
+    for key, p0 in start.items():
+        if p0.is_floating_point():
+            ref = after["training_step"][key]
+            for name in ("fit", "bench"):
+                torch.testing.assert_close(after[name][key], ref, rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
+    moved = [k for k, p0 in start.items() if p0.is_floating_point() and not torch.equal(p0, after["fit"][k])]
+    assert any(k.endswith("weight") for k in moved)  # the step did train: the comparison is not of untouched weights
     seen = []
     real = T.training_step
     monkeypatch.setattr(T, "training_step", lambda *a, **k: seen.append(a[1]) or real(*a, **k))

@@ -147,17 +147,21 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+TIMER_WARMUP = 2  # untimed calls torch.utils.benchmark.Timer.timeit makes before timing (for fewer than 200)
+
+
 def seconds_per_step(step, steps: int, warmup: int, device: torch.device) -> float:
-    """Mean wall time of ``step()`` over ``steps`` calls after ``warmup`` untimed calls; the device is synchronised
-    only before and after the timed calls, never between them."""
-    for _ in range(warmup):
+    """Mean wall time of ``step()`` over ``steps`` calls after ``warmup`` untimed calls, by
+    ``torch.utils.benchmark.Timer``: it synchronises the device before and after the timed calls only, never
+    between them, and makes two untimed calls of its own (counted in ``warmup`` here, so at least two). It runs at this process's
+    thread count, not the Timer's default of one."""
+    from torch.utils.benchmark import Timer
+
+    for _ in range(max(0, warmup - TIMER_WARMUP)):
         step()
     sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    return (time.perf_counter() - t0) / steps
+    timer = Timer(stmt="step()", globals={"step": step}, num_threads=torch.get_num_threads())
+    return timer.timeit(steps).mean
 
 
 # ------------------------------------------------------------------------------------------------ measurements
@@ -459,7 +463,8 @@ def measure_reference(model, opt, sched, scaler, r, s: Setup, project_ips: float
     model.to(memory_format=torch.contiguous_format)
     train_mode(model)  # predict_proba left it in eval mode
     step = T.make_step(model, opt, sched, scaler, no_prep, r, s.device, amp=False)
-    batches = reference_batches(s.paths, s.y_train.cpu().tolist(), s.size, s.warmup + s.steps)
+    batches = reference_batches(s.paths, s.y_train.cpu().tolist(), s.size,
+                                max(s.warmup, TIMER_WARMUP) + s.steps)
 
     def one():
         x, y = next(batches)

@@ -139,6 +139,7 @@ def main(argv=None) -> int:
                        gradcam_per_class=1)
     arch, recipe = "resnet34", "tuned"
     threads = min(2, os.cpu_count() or 1)
+    load_at_start = os.getloadavg()[0]  # anything else running would be measured too
     rows = []
     print(f"bench executors: {args.runs} runs of quick's {arch}/{recipe}, <= {args.max_train_images} training "
           f"images, data {label}", file=sys.stderr, flush=True)
@@ -156,8 +157,8 @@ def main(argv=None) -> int:
         results[(workers, thr, bool(kill))] = res
         rows.append((name, f"{workers} x {thr}", res))
     lines = [f"Executor benchmark, {datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, {platform.node()}: "
-             f"{os.cpu_count()} CPUs ({platform.machine()}), torch {torch.__version__}, load average before "
-             f"{os.getloadavg()[0]:.1f} (at the end). {args.runs} runs of the quick profile's {arch}/{recipe} "
+             f"{os.cpu_count()} CPUs ({platform.machine()}), torch {torch.__version__}, load average {load_at_start:.1f} "
+             f"at the start and {os.getloadavg()[0]:.1f} at the end (its own). {args.runs} runs of the quick profile's {arch}/{recipe} "
              f"(6 epochs: 3 at 32 px, 3 at 48 px), {min(n['train'], args.max_train_images)} training / {n['val']} "
              f"validation / {n['test']} test images each, data: {label}.", "",
              "| executor | workers x threads | makespan s | sum of runs' training s | sum of runs' own s "

@@ -7,8 +7,7 @@ resolves and its metadata is sound, ImageNet weights are there when the profile 
 one the runner may replace), and times the training loop's own step (``train.training_step``) for each model to
 estimate the run's duration. A failure is a ``PreflightError`` whose last line names the folder and the remedy.
 
-``python -m helpers.preflight [PROFILE] [-p NAME VALUE ...]`` runs the same checks alone. Only light modules are
-imported at module level (``config`` needs PyYAML alone); torch and the data code are imported by the checks that
+Only light modules are imported at module level (``config`` needs PyYAML alone); torch and the data code are imported by the checks that
 use them.
 
 Why one module of this size: the checks are many, small and independent, and each carries its own message and
@@ -459,21 +458,3 @@ def prepare(given: str | None, params: dict) -> Plan:
         first += f"; {TOUR}"
     return Plan(profile, why, target, [first.ljust(90) if sys.stdout.isatty() else first,
                                        *(line for line in (cluster, note) if line)])
-
-
-def main(argv=None) -> int:
-    """``python -m helpers.preflight [PROFILE] [-p NAME VALUE ...]``: the checks and the estimate alone."""
-    from .runner import parse_args
-
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        plan = prepare(args.profile, args.params)
-    except PreflightError as e:
-        print("\n".join(f"[run_all] {line}" for line in [*e.what.splitlines(), e.fix]))
-        return 2
-    print("\n".join(f"[run_all] {line}" for line in plan.lines))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
