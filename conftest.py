@@ -3,9 +3,11 @@
 Every notebook run by the tests uses the smoke profile on a generated tiny dataset in HAM10000's exact layout,
 offline, writing to a temporary folder: the committed reports/ and the real data are never touched.
 """
+import importlib
 import os
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -35,3 +37,15 @@ def real_data() -> Path:
     if not (SHARED_DATA / "HAM10000_metadata.csv").exists():
         pytest.skip(f"real data not found at {SHARED_DATA} (../shared/data/ham10000-200x150 beside the checkout)")
     return SHARED_DATA
+
+
+@pytest.fixture
+def run_main(capsys):
+    """``python -m <module> args`` in this process: returncode, stdout, stderr. Each CLI's ``python -m`` form is
+    tested once in a subprocess (test_predict, test_external); the other CLI cases run here, which saves importing
+    torch again for every call."""
+    def run(module: str, *args):
+        code = importlib.import_module(module).main([str(a) for a in args])
+        out = capsys.readouterr()
+        return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
+    return run

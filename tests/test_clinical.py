@@ -2,8 +2,6 @@
 joint branch on synthetic data with and without a signal, and predict / external with and without the columns."""
 from __future__ import annotations
 
-import importlib
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -160,41 +158,33 @@ def test_predict_fuses_with_metadata_and_scores_the_image_alone_when_asked(late_
     assert set(fused.scored_with) == {"image + metadata (late fusion)"} and "image only" in alone.scored_with[0]
 
 
-def run_cli(capsys, module, *args):
-    """``python -m <module> args`` in this process (the subprocess form is tested in test_predict / test_external;
-    here it would re-import torch for every call)."""
-    code = importlib.import_module(module).main([str(a) for a in args])
-    out = capsys.readouterr()
-    return SimpleNamespace(returncode=code, stdout=out.out, stderr=out.err)
-
-
-def test_predict_cli_without_columns_names_them_and_image_only_works(late_model, tmp_path, capsys):
+def test_predict_cli_without_columns_names_them_and_image_only_works(late_model, tmp_path, run_main):
     no_meta = tmp_path / "images"
     no_meta.mkdir()
     for p in late_model["images"].glob("*.jpg"):
         (no_meta / p.name).write_bytes(p.read_bytes())
     out = tmp_path / "p.csv"
-    res = run_cli(capsys, "helpers.predict", "--checkpoint", late_model["ckpt"], no_meta, "--out", out)
+    res = run_main("helpers.predict", "--checkpoint", late_model["ckpt"], no_meta, "--out", out)
     assert res.returncode == 2 and "['age', 'sex', 'localization']" in res.stderr and "--image-only" in res.stderr
     assert not out.exists()
-    res = run_cli(capsys, "helpers.predict", "--checkpoint", late_model["ckpt"], no_meta, "--out", out, "--image-only")
+    res = run_main("helpers.predict", "--checkpoint", late_model["ckpt"], no_meta, "--out", out, "--image-only")
     assert res.returncode == 0 and "image only" in res.stderr and len(pd.read_csv(out)) == 3
-    res = run_cli(capsys, "helpers.predict", "--checkpoint", late_model["ckpt"], no_meta, "--out", out,
+    res = run_main("helpers.predict", "--checkpoint", late_model["ckpt"], no_meta, "--out", out,
                   "--metadata", late_model["metadata"])
     assert res.returncode == 0 and "late fusion" in res.stderr
 
 
-def test_external_without_columns_names_them_and_reports_both_scores_with_them(late_model, tmp_path, capsys):
+def test_external_without_columns_names_them_and_reports_both_scores_with_them(late_model, tmp_path, run_main):
     labels = tmp_path / "labels.csv"
     pd.DataFrame(dict(image_id=["a", "b", "c"], dx=["mel", "nv", "bkl"])).to_csv(labels, index=False)
     args = ["helpers.external", "--checkpoint", late_model["ckpt"], "--images", late_model["images"], "--labels",
             labels, "--n-boot", "0"]
-    res = run_cli(capsys, *args, "--out", tmp_path / "none")
+    res = run_main(*args, "--out", tmp_path / "none")
     assert res.returncode == 2 and "['age', 'sex', 'localization']" in res.stderr
     assert not (tmp_path / "none").exists()
-    res = run_cli(capsys, *args, "--out", tmp_path / "alone", "--image-only")
+    res = run_main(*args, "--out", tmp_path / "alone", "--image-only")
     assert res.returncode == 0 and "image only" in res.stderr
-    res = run_cli(capsys, *args, "--out", tmp_path / "both", "--metadata", late_model["metadata"])
+    res = run_main(*args, "--out", tmp_path / "both", "--metadata", late_model["metadata"])
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "both" / "metrics_image_only.csv").exists()
     assert "| image + metadata | 95% CI | image only |" in (tmp_path / "both" / "external.md").read_text()

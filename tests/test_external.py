@@ -208,10 +208,10 @@ def _with_labels(src: Path, tmp: Path, edit) -> Path:
     (lambda df: df.drop(columns="image_id"), "no image_id column"),
     (lambda df: df.assign(image_id=df.image_id.where(df.index != 1, df.image_id[0])), "more than once"),
 ])
-def test_dx_label_errors_are_fatal_and_write_nothing(ckpt, dx_set, tmp_path, edit, message):
+def test_dx_label_errors_are_fatal_and_write_nothing(ckpt, dx_set, tmp_path, edit, message, run_main):
     labels = _with_labels(dx_set, tmp_path, edit)
     out = tmp_path / "out"
-    r = cli("--checkpoint", ckpt, "--images", dx_set / "images", "--labels", labels, "--out", out, "--device", "cpu")
+    r = run_main("helpers.external", "--checkpoint", ckpt, "--images", dx_set / "images", "--labels", labels, "--out", out, "--device", "cpu")
     assert r.returncode == 2
     assert message in r.stderr and "nothing was written" in r.stderr
     assert nothing_written(out)
