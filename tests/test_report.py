@@ -16,7 +16,9 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from helpers import metrics as M  # noqa: E402
+from helpers import pages  # noqa: E402
 from helpers import report as R  # noqa: E402
+from helpers import review as V  # noqa: E402
 
 DX = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 ROOT = Path(__file__).resolve().parents[1]
@@ -301,7 +303,7 @@ def test_comparison_has_argmax_rule_and_both_baselines(study):
 
 def test_review_writes_every_table_and_figure(study):
     comp = R.compare_runs(cfg(), study["reports"])
-    review = R.review_runs(comp, study["reports"], n_boot=30, min_site_images=20)
+    review = V.review_runs(comp, study["reports"], n_boot=30, min_site_images=20)
     out = study["reports"] / "compare"
     for f in ("by_reference_standard.csv", "subgroups.csv", "subgroups_forest.png", "unit_of_analysis.csv",
               "per_class_recall.csv", "decision_curve.csv", "decision_curve.png", "roc_by_reference_standard.png"):
@@ -331,13 +333,13 @@ def test_review_writes_every_table_and_figure(study):
 
 def test_headline_reads_numbers_not_display_strings(study):
     comp = R.compare_runs(cfg(), study["reports"])
-    R.review_runs(comp, study["reports"], n_boot=20, min_site_images=20)
-    before = R.headline(study["reports"])
+    V.review_runs(comp, study["reports"], n_boot=20, min_site_images=20)
+    before = pages.headline(study["reports"])
     assert "plain argmax" in before and "per image" in before and R.METADATA_BASELINE in before
     assert f"{comp['table'].loc[comp['best'], 'auc']:.3f}" in before
     shown = study["reports"] / "compare" / "comparison_ci.csv"
     shown.write_text("model,garbage (selects)\nx,0.999 [0.1, 0.2]\n")  # the display table plays no part
-    assert R.headline(study["reports"]) == before
+    assert pages.headline(study["reports"]) == before
     src = (ROOT / "src" / "helpers" / "report.py").read_text()
     assert '" (selects)")' not in src and 'split("[", 1)' not in src
 
@@ -375,7 +377,7 @@ def test_one_run_discovery_and_one_select_metrics():
 
 def test_table_one_counts_every_image_once_per_variable():
     split = split_frame()
-    t1 = R.table_one(split)
+    t1 = V.table_one(split)
     counts = t1["counts"]
     for variable, block in counts.groupby(level="variable"):
         assert (block.sum() == [sum(split.split == s) for s in ("train", "val", "test")] + [len(split)]).all()

@@ -16,8 +16,8 @@ import nbformat
 import pandas as pd
 import pytest
 
+from helpers import pages
 from helpers import preflight as PF
-from helpers import report as R
 from helpers import runner as RN
 from helpers import config as C
 from helpers.config import load_profile, recipe
@@ -371,12 +371,12 @@ def _fake_reports(root: Path):
 
 def test_index_opens_with_the_headline_and_every_figure_has_alt_text(tmp_path):
     _fake_reports(tmp_path)
-    sentence = R.headline(tmp_path)
+    sentence = pages.headline(tmp_path)
     assert sentence == ("Best model, chosen on validation val_loss: resnet34_tuned, with macro AUC 0.920 (95% CI "
                         "0.901–0.934) and balanced accuracy of the plain argmax 0.600 (95% CI 0.550–0.650), per "
                         "image, on the lesion-grouped test split of HAM10000 @ 200x150 (64x64 input, random init), "
                         "profile cpu.")
-    page = R.write_index(tmp_path).read_text()
+    page = pages.write_index(tmp_path).read_text()
     assert page.index(sentence.split(",")[0]) < page.index("<img")  # the headline opens the page
     from bs4 import BeautifulSoup
 
@@ -395,7 +395,7 @@ def test_rendered_notebook_images_have_alt_text(tmp_path):
     nb.cells = [nbformat.v4.new_markdown_cell("## The split\ntext"),
                 nbformat.v4.new_code_cell("show()", outputs=[img(_png("Class counts per split")), img(_png())])]
     nbformat.write(nb, tmp_path / "01_etl.ipynb")
-    page = R.render_notebook(tmp_path / "01_etl.ipynb").read_text()
+    page = pages.render_notebook(tmp_path / "01_etl.ipynb").read_text()
     assert 'alt="Class counts per split"' in page and "Figure 2 of section “The split”" in page
     assert "No description has been provided" not in page
 

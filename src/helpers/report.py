@@ -1,17 +1,18 @@
-"""Reports from saved runs: what the notebooks display, the comparison, summary.md, model cards, the index page.
+"""Reports from saved runs: what the model notebooks display, the model cards, the comparison, summary.md and the
+README's results block.
 
 Everything here reads files that the model notebooks wrote under ``reports/`` (predictions, metrics, history,
 run.json), so the comparison can be re-made without retraining and every number traces back to a saved run.
-This module imports nothing from ``experiment`` (which imports it); the provenance line lives here.
+This module imports nothing from ``experiment`` (which imports it); the provenance line lives here. Two readers
+of its results live beside it and import it, never the other way: ``review`` (reference standard, subgroups, unit
+of analysis, decision curve, Table 1) and ``pages`` (index.html and the rendered notebooks).
 
-Why one module of this size: it holds one job, turning saved runs into the written results (the comparison table
-and its baselines, the review strata, summary.md and README's block, the model cards, the index page), and those
-parts share one set of row names, labels and provenance; split, each part would import the others' constants.
+Why one module of this size (about 630 lines): one job, turning saved runs into the comparison (the argmax table
+with each recipe's rule beside it, both baselines, the paired comparisons in three families, the seed spread) and
+writing it as summary.md, the README block and the model cards, which share its row names, labels and provenance.
 """
 from __future__ import annotations
 
-import argparse
-import html
 import json
 import os
 import re
@@ -368,7 +369,7 @@ def seed_spread_text(spread: pd.DataFrame, runs_table: pd.DataFrame) -> str:
             "runs smaller than it says nothing about the models.")
 
 
-def _paired_display(paired: pd.DataFrame, select_metric: str, rule: str = M.ARGMAX) -> pd.DataFrame:
+def paired_display(paired: pd.DataFrame, select_metric: str, rule: str = M.ARGMAX) -> pd.DataFrame:
     if not len(paired):
         return pd.DataFrame()
     names = LABELS if rule == M.ARGMAX else {**LABELS, **{m: LABELS[f"{m}_rule"] for m in RULE_METRICS}}
@@ -523,8 +524,8 @@ def compare_runs(cfg: dict, reports: Path, names=None, n_boot: int | None = None
     if meta_fit is not None:
         meta_fit["sweep"].to_csv(out / "metadata_baseline.csv", float_format="%.4f", index=False)
     return dict(table=table, display=display_table, runs_table=runs_table, paired=paired,
-                paired_display=_paired_display(paired, select_metric), paired_rule=paired_rule,
-                paired_rule_display=_paired_display(paired_rule, select_metric, "recipe"), paired_metadata=paired_meta,
+                paired_display=paired_display(paired, select_metric), paired_rule=paired_rule,
+                paired_rule_display=paired_display(paired_rule, select_metric, "recipe"), paired_metadata=paired_meta,
                 metadata_pairs=pairs, best=best, select_metric=select_metric, baseline=baseline,
                 baselines=baselines, metadata_fit=meta_fit, models=models, runs=runs, classes=classes, split=split,
                 seed_spread=spread, seed_spread_text=seed_spread_text(spread, runs_table), figures=figures,
@@ -552,259 +553,13 @@ def table_note(comp: dict) -> str:
             f"estimate.")
 
 
-# ------------------------------------------------------------------------------- the review: strata, units, use
-REFERENCE_STANDARDS = ("histo", "follow_up", "consensus", "confocal")  # HAM10000's dx_type; histo is co-primary
-SUBGROUP_VARIABLES = ("sex", "age", "site")
-UNIT_METRICS = HEADLINE  # every headline metric, per image and per lesion
-MULTIPLICITY = ("These subgroup results are descriptive: {n} subgroups, each with several metrics, and no test of a "
-                "difference between subgroups, so no p-values and no multiplicity correction; with this many "
-                "intervals some will look apart by chance, and a subgroup that looks worse is a question for a "
-                "larger, patient-level data set, not a finding.")
-
-
-def ci_cells(table: pd.DataFrame, metrics, index) -> pd.DataFrame:
-    """A numeric table with ``<m>``, ``<m>_ci_low``, ``<m>_ci_high`` as display cells "value [low, high]"."""
-    out = table[list(index)].copy()
-    for m in metrics:
-        out[LABELS.get(m, m)] = [fmt_ci(v, lo, hi) if pd.notna(lo) else ("–" if pd.isna(v) else f"{v:.3f}")
-                                 for v, lo, hi in zip(table[m], table[f"{m}_ci_low"], table[f"{m}_ci_high"])]
-    return out
-
-
-def _entries(comp: dict) -> dict[str, dict]:
-    """Every run (under its run name) and every baseline: model name, test predictions (saved rule), threshold."""
-    runs = comp["runs"]
-    out = {n: dict(model=runs[n]["model"], test=runs[n]["test"], threshold=runs[n]["meta"].get("malignancy_threshold"))
-           for ns in comp["models"].values() for n in ns}
-    out.update({k: dict(model=k, test=b["test"], threshold=b["threshold"]) for k, b in comp["baselines"].items()})
-    return out
-
-
-def _with_model(table: pd.DataFrame, entries: dict) -> pd.DataFrame:
-    table = table.rename(columns={"model": "run"})
-    table.insert(0, "model", [entries[r]["model"] for r in table["run"]])
-    return table
-
-
-def review_runs(comp: dict, reports: Path, n_boot: int | None = None, min_site_images: int = 50,
-                min_positives: int = 5) -> dict:
-    """What a dermatology reviewer asks of the comparison (``compare_runs``' result), from saved predictions and
-    split.csv's metadata; nothing retrains. Every metric has a 95% lesion-bootstrap interval and its counts.
-
-    - by reference standard (``dx_type``; histopathology co-primary), every run and baseline: balanced accuracy
-      (argmax), macro AUC over the classes with >= ``min_positives`` positive lesions in the stratum (named),
-      malignancy AUC, sensitivity/specificity at the validation threshold -> compare/by_reference_standard.csv,
-      and the malignancy ROC on all images against histo only -> compare/roc_by_reference_standard.png;
-    - subgroups (sex, age band, site with sites under ``min_site_images`` test images pooled as "other"), for the
-      best model's lowest seed and the baselines, on all images and within histo -> compare/subgroups.csv,
-      compare/subgroups_forest.png;
-    - the unit of analysis: every headline metric per image and per lesion (mean probability over its images),
-      and within-lesion disagreement -> compare/unit_of_analysis.csv;
-    - per-class recall (argmax) -> compare/per_class_recall.csv; the decision curve of the best model and the
-      metadata baseline -> compare/decision_curve.csv, compare/decision_curve.png.
-    """
-    reports, classes = Path(reports), comp["classes"]
-    n_boot = n_boot or comp["n_boot"]
-    out, line = reports / "compare", comp["provenance_line"]
-    split = comp["split"]
-    test_meta = split[split["split"] == "test"].set_index("image_id")
-    entries = _entries(comp)
-    argmax = {n: M.argmax_predictions(e["test"], classes) for n, e in entries.items()}
-    thresholds = {n: e["threshold"] for n, e in entries.items()}
-    malignancy = M.has_malignancy_view(classes)
-    metrics = list(M.BREAKDOWN_METRICS if malignancy else ("balanced_accuracy", "auc"))
-    unit_metrics = [m for m in UNIT_METRICS if malignancy or m not in ("malignancy_auc", "sensitivity", "specificity")]
-    best_run = comp["models"][comp["best"]][0]
-    result, figures = {}, {}
-
-    # ---- by reference standard
-    if "dx_type" in test_meta.columns:
-        dx_type = test_meta["dx_type"].astype(str)
-        order = ["all"] + [s for s in REFERENCE_STANDARDS if s in set(dx_type)] + sorted(
-            set(dx_type) - set(REFERENCE_STANDARDS))
-        ref = pd.concat([M.breakdown(argmax, classes, None, thresholds, metrics, n_boot, 0, min_positives=min_positives),
-                         M.breakdown(argmax, classes, dx_type, thresholds, metrics, n_boot, 0,
-                                     min_positives=min_positives)], ignore_index=True)
-        ref["stratum"] = pd.Categorical(ref["stratum"], order, ordered=True)
-        ref = _with_model(ref.sort_values(["stratum"], kind="stable"), entries)
-        ref["stratum"] = ref["stratum"].astype(str)
-        ref.to_csv(out / "by_reference_standard.csv", float_format="%.4f", index=False)
-        result["by_reference_standard"] = ref
-        if malignancy:
-            preds = {(m if len(ns) == 1 else f"{m} ({ns[0]})"): argmax[ns[0]] for m, ns in comp["models"].items()}
-            preds.update({k: argmax[k] for k in comp["baselines"]})
-            populations = {"all test images": list(test_meta.index),
-                           "histopathology-confirmed": list(test_meta.index[dx_type == "histo"])}
-            figures["roc_by_reference_standard"] = P.save(
-                P.roc_by_population(preds, classes, populations, f"Malignancy ROC by reference standard — {line}"),
-                out / "roc_by_reference_standard.png")
-
-    # ---- subgroups: the best model (its lowest seed) and the baselines
-    if has_metadata(split):
-        chosen = {n: argmax[n] for n in [best_run, *comp["baselines"]]}
-        histo = test_meta["dx_type"].astype(str) == "histo" if "dx_type" in test_meta.columns else None
-        parts = []
-        for variable in ("overall",) + SUBGROUP_VARIABLES:
-            levels = (pd.Series("all test images", index=test_meta.index) if variable == "overall" else
-                      M.subgroup_levels(test_meta, variable, min_site_images).set_axis(test_meta.index))
-            for population, lv in (("all", levels), ("histo", levels.where(histo) if histo is not None else None)):
-                if lv is None:
-                    continue
-                t = M.breakdown(chosen, classes, lv, thresholds, metrics, n_boot, 0, min_positives=min_positives)
-                t.insert(0, "population", population)
-                t.insert(0, "variable", variable)
-                parts.append(t)
-        sub = _with_model(pd.concat(parts, ignore_index=True), entries)
-        sub = sub[["variable", "stratum", "population"] + [c for c in sub.columns
-                                                            if c not in ("variable", "stratum", "population")]]
-        sub.to_csv(out / "subgroups.csv", float_format="%.4f", index=False)
-        result["subgroups"] = sub
-        n_groups = int((sub[(sub.population == "all") & (sub.variable != "overall")]
-                        .drop_duplicates(["variable", "stratum"])).shape[0])
-        result["multiplicity"] = MULTIPLICITY.format(n=n_groups)
-        forest = sub[sub["run"] != comp["baseline"]]  # the majority class is constant: nothing to plot
-        shown_metrics = [m for m in ("balanced_accuracy", "malignancy_auc", "sensitivity", "specificity")
-                         if m in metrics]
-        figures["subgroups_forest"] = P.save(
-            P.subgroup_forest(forest, f"Subgroups of the test split: {comp['best']} ({best_run}) and the metadata "
-                                      f"baseline; open markers: histopathology-confirmed images only — {line}",
-                              shown_metrics), out / "subgroups_forest.png")
-
-    # ---- unit of analysis: per image and per lesion
-    lesions = {n: M.lesion_level(p, classes) for n, p in argmax.items()}
-    unit = pd.concat([M.breakdown(p, classes, None, thresholds, unit_metrics, n_boot, 0, min_positives=1).assign(
-        unit=u) for u, p in (("image", argmax), ("lesion", lesions))], ignore_index=True)  # macro AUC: every class
-    unit = _with_model(unit.drop(columns=["stratum", "auc_classes"]), entries)
-    dis = {n: {**M.within_lesion_disagreement(argmax[n], classes, thresholds[n]),
-               "top1_disagreement_rule": M.within_lesion_disagreement(entries[n]["test"], classes)["top1_disagreement"]}
-           for n in entries}
-    for k in ("multi_image_lesions", "top1_disagreement", "top1_disagreement_rule", "refer_disagreement"):
-        unit[k] = [dis[r][k] for r in unit["run"]]
-    unit = unit[["model", "run", "unit"] + [c for c in unit.columns if c not in ("model", "run", "unit")]]
-    unit.to_csv(out / "unit_of_analysis.csv", float_format="%.4f", index=False)
-    result["unit_of_analysis"] = unit
-
-    # ---- per-class recall (argmax)
-    rec = M.breakdown(argmax, classes, None, None, [f"recall_{k}" for k in range(len(classes))], n_boot, 0)
-    base = next(iter(argmax.values()))
-    rows = []
-    for _, r in rec.iterrows():
-        for k, c in enumerate(classes):
-            of_k = base["label"].to_numpy() == k
-            rows.append(dict(model=entries[r["model"]]["model"], run=r["model"], rule=M.ARGMAX, cls=c,
-                             images=int(of_k.sum()), lesions=int(base.loc[of_k, "lesion_id"].nunique()),
-                             recall=r[f"recall_{k}"], ci_low=r[f"recall_{k}_ci_low"], ci_high=r[f"recall_{k}_ci_high"]))
-    recall = pd.DataFrame(rows).rename(columns={"cls": "class"})
-    recall.to_csv(out / "per_class_recall.csv", float_format="%.4f", index=False)
-    result["per_class_recall"] = recall
-
-    # ---- decision curve: the best model and the metadata baseline
-    if malignancy:
-        who = {f"{comp['best']} ({best_run})": argmax[best_run]}
-        if METADATA_BASELINE in argmax:
-            who[METADATA_BASELINE] = argmax[METADATA_BASELINE]
-        curves = {k: M.decision_curve(p, classes, n_boot=n_boot, seed=0) for k, p in who.items()}
-        dc = pd.concat([c.assign(model=k) for k, c in curves.items()], ignore_index=True)
-        dc.to_csv(out / "decision_curve.csv", float_format="%.4f", index=False)
-        result["decision_curve"] = dc
-        figures["decision_curve"] = P.save(P.decision_curves(curves, f"Net benefit of referral on the malignancy "
-                                                                      f"score, test split — {line}"),
-                                           out / "decision_curve.png")
-    result.update(figures=figures, best_run=best_run, n_boot=n_boot, min_site_images=min_site_images,
-                  min_positives=min_positives, model_cards=refresh_model_cards(comp["runs"]))
-    result["display"] = review_display(result, comp)
-    return result
-
-
-def review_display(review: dict, comp: dict) -> dict[str, pd.DataFrame]:
-    """The review's tables as shown in the notebook and summary.md (value [95% CI] cells, counts)."""
-    shown = {}
-    ref = review.get("by_reference_standard")
-    if ref is not None:
-        metrics = [m for m in M.BREAKDOWN_METRICS if m in ref.columns]
-        shown["by_reference_standard"] = ci_cells(ref, metrics, ["stratum", "run", "n_images", "n_lesions",
-                                                                 "n_malignant", "auc_classes"])
-    sub = review.get("subgroups")
-    if sub is not None:
-        metrics = [m for m in M.BREAKDOWN_METRICS if m in sub.columns]
-        shown["subgroups"] = ci_cells(sub, metrics, ["variable", "stratum", "population", "run", "n_images",
-                                                     "n_lesions", "n_malignant"])
-    unit = review["unit_of_analysis"]
-    metrics = [m for m in UNIT_METRICS if m in unit.columns]
-    u = ci_cells(unit, metrics, ["run", "unit", "n_images"]).rename(columns={"n_images": "n (images or lesions)"})
-    for k in ("top1_disagreement", "top1_disagreement_rule", "refer_disagreement"):
-        u[k] = [f"{v:.1%}" if pd.notna(v) else "–" for v in unit[k]]
-    u.loc[u["unit"] == "image", ["top1_disagreement", "top1_disagreement_rule", "refer_disagreement"]] = ""
-    shown["unit_of_analysis"] = u.rename(columns={
-        "top1_disagreement": "multi-image lesions disagreeing: top-1 (argmax)",
-        "top1_disagreement_rule": "top-1 (recipe rule)", "refer_disagreement": "refer decision"})
-    rec = review["per_class_recall"]
-    shown["per_class_recall"] = rec.assign(cell=[fmt_ci(v, lo, hi) for v, lo, hi in
-                                                 zip(rec["recall"], rec["ci_low"], rec["ci_high"])]).pivot(
-        index="run", columns="class", values="cell").reindex(index=list(dict.fromkeys(rec["run"])),
-                                                            columns=list(dict.fromkeys(rec["class"])))
-    return shown
-
-
-def review_text(review: dict, comp: dict) -> dict[str, str]:
-    """The sentences that read the review's key numbers (markdown), for the notebook, summary.md and the index."""
-    best_run, text = review["best_run"], {}
-    ref = review.get("by_reference_standard")
-    if ref is not None and "malignancy_auc" in ref.columns:
-        r = ref.set_index(["stratum", "run"])
-        def q(stratum, m):
-            if (stratum, best_run) not in r.index or pd.isna(r.loc[(stratum, best_run), m]):
-                return "–"
-            x = r.loc[(stratum, best_run)]
-            return fmt_ci(x[m], x[f"{m}_ci_low"], x[f"{m}_ci_high"])
-        if ("histo", best_run) in r.index:
-            h = r.loc[("histo", best_run)]
-            text["reference_standard"] = (
-                f"On the **{int(h.n_images)} histopathology-confirmed test images** ({int(h.n_lesions)} lesions, "
-                f"{int(h.n_malignant)} malignant), {comp['best']} ({best_run}) reaches a malignancy AUC of "
-                f"{q('histo', 'malignancy_auc')} against {q('all', 'malignancy_auc')} on all test images, and a "
-                f"specificity at its validation threshold of {q('histo', 'specificity')} against "
-                f"{q('all', 'specificity')}: the histo-confirmed cases are the hard ones.")
-    unit = review["unit_of_analysis"].set_index(["run", "unit"])
-    if (best_run, "lesion") in unit.index:
-        le, im = unit.loc[(best_run, "lesion")], unit.loc[(best_run, "image")]
-        text["unit"] = (
-            f"The headline unit is the **image**. Per lesion (mean probability over a lesion's images), {best_run} "
-            f"reads accuracy {le.accuracy:.3f}, balanced accuracy {le.balanced_accuracy:.3f} and macro AUC "
-            f"{le.auc:.3f} (per image {im.accuracy:.3f} / {im.balanced_accuracy:.3f} / {im.auc:.3f}). Of its "
-            f"{int(le.multi_image_lesions)} lesions with several test images, {le.top1_disagreement:.0%} get "
-            f"different top-1 classes (argmax) across their own images"
-            + (f" ({le.top1_disagreement_rule:.0%} under the recipe rule)"
-               if pd.notna(le.top1_disagreement_rule) else "")
-            + (f", and {le.refer_disagreement:.0%} a different refer decision." if pd.notna(le.refer_disagreement)
-               else "."))
-    if "decision_curve" in review:
-        dc = review["decision_curve"]
-        parts = []
-        for model, g in dc.groupby("model", sort=False):
-            above = g[(g["net_benefit"] > g["refer_all"] + 1e-9) & (g["net_benefit"] > 1e-9)]["threshold"]
-            parts.append(f"{model}: " + (f"above both defaults at {len(above)} of {len(g)} thresholds, between "
-                                         f"{above.min():.0%} and {above.max():.0%}" if len(above)
-                                         else "never above both defaults"))
-        text["decision_curve"] = ("Net benefit against refer-all and refer-none over threshold probabilities "
-                                  "1–50% (" + "; ".join(parts) + "). The score is read as a probability: poor "
-                                  "calibration costs net benefit.")
-    if "multiplicity" in review:
-        text["multiplicity"] = review["multiplicity"]
-    return text
-
-
-def _md(table: pd.DataFrame, index: bool = False) -> str:
-    return table.to_markdown(index=index) if len(table) else "(none)"
-
-
 def write_summary(cfg: dict, comp: dict, reports: Path, review: dict | None = None) -> dict:
     """reports/summary.md: the comparison table (argmax, the recipe rule beside it, the baselines), the paired
     comparisons (argmax; the rule-on block apart; with against without metadata), the seed spread, and with
-    ``review`` the results by reference standard, subgroups, unit of analysis, per-class recall and decision
-    curve; the data's limits and the provenance. ``table_md`` is what the README's results block shows."""
+    ``review`` (``review.review_runs``' result) its sentences and sections (reference standard, subgroups, unit of
+    analysis, per-class recall, decision curve); the data's limits and the provenance. ``table_md`` is what the README's results block shows."""
     p = comp["provenance"]
-    texts = review_text(review, comp) if review else {}
+    texts = review["text"] if review else {}
     table_md = (f"Test split of **{p['data']}**, {p['image_size']} input, lesion-grouped 70/15/15 split "
                 f"(seed {p['split_seed']}), **{p['weights']}**, profile **{p['profile']}**, commit "
                 f"`{p['git_commit']}`, {p['device']}, {p['date']}. Unit: **per image**; accuracy and balanced "
@@ -817,7 +572,7 @@ def write_summary(cfg: dict, comp: dict, reports: Path, review: dict | None = No
     packages = ", ".join(f"{k} {v}" for k, v in p["packages"].items())
     n_used = int(comp["paired"]["n_boot"].iloc[0]) if len(comp["paired"]) else 0
     meta_pairs = comp["paired_metadata"]
-    meta_md = (_paired_display(meta_pairs, comp["select_metric"]).rename(
+    meta_md = (paired_display(meta_pairs, comp["select_metric"]).rename(
         columns={f"best (by {comp['select_metric']})": "with metadata", "other": "image only"}).to_markdown(index=False)
         if len(meta_pairs) else "No run here has a late-fusion twin (a run whose run.json names its `image_run`).")
     sections = [f"# Summary of the {p['profile']} run\n\n{table_md}",
@@ -843,47 +598,7 @@ the same as above (the rule moves no probability). A separate family, Holm-adjus
 
 {comp['seed_spread_text']}"""]
     if review:
-        d, figs = review["display"], review["figures"]
-        if "by_reference_standard" in d:
-            sections.append(f"""## By reference standard (test split)
-
-How each diagnosis was confirmed (HAM10000's `dx_type`): histopathology (`histo`, the co-primary test set),
-follow-up, expert consensus, confocal microscopy. Balanced accuracy of the argmax; macro AUC over the classes with
-at least {review['min_positives']} positive lesions in the stratum (named); malignancy AUC; sensitivity and
-specificity at each model's validation threshold (held fixed). 95% intervals over the stratum's lesions; "–": not
-defined in that stratum (e.g. no malignant lesion).
-
-{texts.get('reference_standard', '')}
-
-{_md(d['by_reference_standard'])}
-
-![Malignancy ROC, all test images and histopathology-confirmed only](compare/roc_by_reference_standard.png)""")
-        if "subgroups" in d:
-            sections.append(f"""## Subgroups (best model and baselines)
-
-Sex, age band and anatomical site (sites with fewer than {review['min_site_images']} test images pooled as
-"other"); `population` "histo" repeats each subgroup on its histopathology-confirmed images, which holds the case
-mix fixed. {texts.get('multiplicity', '')}
-
-{_md(d['subgroups'])}
-
-![Subgroup forest plot](compare/subgroups_forest.png)""")
-        sections.append(f"""## Unit of analysis: per image and per lesion
-
-{texts.get('unit', '')} Lesion-level metrics use the mean probability over a lesion's images and one label per
-lesion; the malignancy threshold is each model's validation threshold, unchanged.
-
-{_md(d['unit_of_analysis'])}
-
-## Per-class recall (plain argmax)
-
-{_md(d['per_class_recall'], index=True)}""")
-        if "decision_curve" in figs:
-            sections.append(f"""## Decision curve
-
-{texts.get('decision_curve', '')}
-
-![Decision curve](compare/decision_curve.png)""")
+        sections += review["sections"]
     sections.append(f"""## Limits of what this data can show
 
 {limits_md()}
@@ -913,272 +628,3 @@ def update_readme(table_md: str, readme: Path | None = None) -> Path:
                  flags=re.S)
     readme.write_text(new)
     return readme
-
-
-# ------------------------------------------------------------------------------------------------ Table 1 (01)
-TABLE_ONE_VARIABLES = (("age band", "age"), ("sex", "sex"), ("site", "localization"), ("reference standard", "dx_type"))
-
-
-def table_one(df: pd.DataFrame, splits=("train", "val", "test")) -> dict[str, pd.DataFrame]:
-    """The per-split "Table 1": images and lesions, age (median and IQR, and by band), sex, anatomical site and
-    reference standard (dx_type), each with its missing count ("unknown": HAM10000 writes "unknown" or leaves the
-    field empty). Returns dict(counts: numeric image counts with rows (variable, level) and one column per split
-    plus "all"; display: the same as "n (share of the split's images)" with the age summary and lesion counts).
-    A variable the table lacks is left out."""
-    cols = [s for s in splits if s in set(df["split"])] + ["all"]
-    parts = {s: df[df["split"] == s] for s in cols[:-1]}
-    parts["all"] = df
-    rows = []
-    for name, column in TABLE_ONE_VARIABLES:
-        if column not in df.columns:
-            continue
-        levels = {s: (M.age_band(g[column]) if column == "age" else M.clean_category(g[column])).reset_index(drop=True)
-                  for s, g in parts.items()}
-        order = ([b for *_, b in M.AGE_BANDS] if column == "age" else
-                 list(levels["all"].value_counts().index.drop(M.UNKNOWN, errors="ignore")))
-        for level in order + [M.UNKNOWN]:
-            rows.append(((name, "missing (unknown)" if level == M.UNKNOWN else level),
-                         {s: int((v == level).sum()) for s, v in levels.items()}))
-    counts = pd.DataFrame({k: v for k, v in rows}).T.reindex(columns=cols)
-    counts.index = pd.MultiIndex.from_tuples(counts.index, names=["variable", "level"])
-    n = {s: len(g) for s, g in parts.items()}
-    shown = counts.apply(lambda col: [f"{v} ({v / n[col.name]:.1%})" for v in col]).astype(object)
-    head = {("images", ""): {s: str(n[s]) for s in cols},
-            ("lesions", ""): {s: str(parts[s]["lesion_id"].nunique()) for s in cols}}
-    if "age" in df.columns:
-        def age_summary(g):
-            a = pd.to_numeric(g["age"], errors="coerce").dropna()
-            return f"{a.median():.0f} [{a.quantile(.25):.0f}–{a.quantile(.75):.0f}]" if len(a) else "–"
-        head[("age, median [IQR]", "")] = {s: age_summary(parts[s]) for s in cols}
-    top = pd.DataFrame(head).T.reindex(columns=cols)
-    top.index = pd.MultiIndex.from_tuples(top.index, names=["variable", "level"])
-    return dict(counts=counts, display=pd.concat([top, shown]))
-
-
-# ------------------------------------------------------------------------------------------------ index page
-# The HTML pages (reports/index.html and the rendered notebooks). Every image carries a one-line alt text: the
-# figure's own title where its PNG holds one (plots.save writes it as the PNG "Title"), else a description made
-# from where the figure sits (its file name, or the notebook section that shows it).
-FIGURE_NAMES = {"class_counts": "Images per diagnosis in each split", "examples": "Example images per diagnosis",
-                "roc_overlay": "Test-split ROC curves of every model", "history_overlay": "Validation curves of every model",
-                "time_to_accuracy": "Validation score against training time for every run",
-                "evaluation": "Test-split evaluation (confusion matrix, per-class scores, ROC)",
-                "curves": "Training curves", "reliability": "Reliability diagram", "errors": "Most confident errors",
-                "gradcam": "Grad-CAM maps"}
-
-
-def png_title(png) -> str | None:
-    """The one-line title stored in a PNG (bytes or a path), or None."""
-    import io
-
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(png) if isinstance(png, (bytes, bytearray)) else png) as img:
-            text = getattr(img, "text", {}) or {}
-    except Exception:  # not a PNG, unreadable: the caller's fallback names it
-        return None
-    title = (text.get("Title") or text.get("Description") or "").strip()
-    return " ".join(title.split())[:300] or None
-
-
-def figure_alt(path: Path, reports: Path | None = None) -> str:
-    """Alt text for a figure file: its PNG title, else its kind and run from the file name."""
-    path = Path(path)
-    title = png_title(path)
-    if title:
-        return title
-    what = FIGURE_NAMES.get(path.stem, path.stem.replace("_", " "))
-    where = path.parent.name if path.parent != Path(reports or path.parent) else ""
-    return f"{what} ({where})" if where and where not in ("compare", "etl") else what
-
-
-def _best_model(reports: Path) -> tuple[str, str] | None:
-    """(best model, its selection metric) from compare/comparison.csv's numeric columns ``is_best`` and
-    ``select_metric`` (written by ``compare_runs``); None when the comparison has not been written."""
-    num = Path(reports) / "compare" / "comparison.csv"
-    if not num.exists():
-        return None
-    table = pd.read_csv(num, index_col=0)
-    if not {"is_best", "select_metric"} <= set(table.columns):
-        return None
-    best = table.index[table["is_best"].astype(str).str.lower().isin(("true", "1", "1.0"))]
-    return (str(best[0]), str(table.loc[best[0], "select_metric"])) if len(best) else None
-
-
-def _run_meta(reports: Path, model: str) -> dict:
-    """run.json of the model's first run (lowest seed) under ``reports``, or {}."""
-    runs = find_runs(reports, load=False)
-    for name, run in sorted(runs.items(), key=lambda kv: (kv[1]["seed"], kv[0])):
-        if model in (run["model"], name):
-            return dict(run["meta"], folder=run["folder"].name)
-    return {}
-
-
-def _quote(row: pd.Series, metric: str, words: str) -> str | None:
-    """"<words> 0.919 (95% CI 0.901–0.934)", or with several seeds the mean and range, from numeric columns."""
-    v = row.get(metric)
-    if v is None or pd.isna(v):
-        return None
-    if pd.notna(row.get(f"{metric}_ci_low")):
-        return f"{words} {v:.3f} (95% CI {row[f'{metric}_ci_low']:.3f}–{row[f'{metric}_ci_high']:.3f})"
-    if pd.notna(row.get(f"{metric}_min")) and row.get("n_seeds", 1) > 1:
-        return f"{words} {v:.3f} (mean over seeds, range {row[f'{metric}_min']:.3f}–{row[f'{metric}_max']:.3f})"
-    return f"{words} {v:.3f}"
-
-
-def headline(reports: Path) -> str | None:
-    """The result in a few sentences, from compare/'s numeric tables: the best model (chosen on validation), its
-    macro AUC and the balanced accuracy of the plain argmax, per image, with intervals or seed ranges, on which
-    data and profile; its malignancy AUC on histopathology-confirmed images; the metadata-only baseline. None when
-    the comparison has not been written."""
-    reports = Path(reports)
-    found = _best_model(reports)
-    if not found:
-        return None
-    best, sel = found
-    table = pd.read_csv(reports / "compare" / "comparison.csv", index_col=0)
-    row = table.loc[best]
-    metrics = [q for q in (_quote(row, "auc", "macro AUC"),
-                           _quote(row, "balanced_accuracy", "balanced accuracy of the plain argmax")) if q]
-    meta = _run_meta(reports, best)
-    p = meta.get("provenance", {})
-    on = "the lesion-grouped test split" + (f" of {p['data']}" if p.get("data") else "")
-    details = ", ".join(str(x) for x in (f"{p['image_size']} input" if p.get("image_size") else None,
-                                         p.get("weights")) if x)
-    profile = p.get("profile") or meta.get("profile")
-    text = (f"Best model, chosen on validation {sel}: {best}, with {' and '.join(metrics) or 'the scores below'}, "
-            f"per image, on {on}{f' ({details})' if details else ''}{f', profile {profile}' if profile else ''}.")
-    ref_csv = reports / "compare" / "by_reference_standard.csv"
-    if ref_csv.exists() and meta.get("run_name"):
-        ref = pd.read_csv(ref_csv)
-        h = ref[(ref["stratum"] == "histo") & (ref["run"] == meta["run_name"])]
-        if len(h) and (q := _quote(h.iloc[0], "malignancy_auc", "malignancy AUC")):
-            text += f" On the {int(h.iloc[0]['n_images'])} histopathology-confirmed test images: {q}."
-    if METADATA_BASELINE in table.index and (q := _quote(table.loc[METADATA_BASELINE], "auc", "macro AUC")):
-        text += f" Age, sex and site alone ({METADATA_BASELINE}): {q}."
-    return text
-
-
-REVIEW_FIGURES = ("compare/roc_by_reference_standard.png", "compare/subgroups_forest.png",
-                  "compare/decision_curve.png")  # shown inside summary.md's sections
-
-
-def write_index(reports: Path) -> Path:
-    """reports/index.html: the headline result, summary.md rendered (the argmax table with the baselines, the
-    paired comparisons, reference standard, subgroups, lesion-level rows, decision curve, limits), links to the
-    rendered notebooks and the other headline figures (each with alt text from its title)."""
-    import mistune
-
-    reports = Path(reports)
-    links = "\n".join(f'<li><a href="notebooks/{f.name}">{html.escape(f.stem)}</a></li>'
-                      for f in sorted((reports / "notebooks").glob("*.html")))
-    figs = [f for f in ["etl/class_counts.png", "compare/roc_overlay.png", "compare/history_overlay.png",
-                        "compare/time_to_accuracy.png"] if (reports / f).exists()]
-    best = _best_model(reports)
-    meta = _run_meta(reports, best[0]) if best else {}
-    evals = ([reports / meta["folder"] / "evaluation.png"] if meta.get("folder") else []) \
-        or sorted(reports.glob("*/evaluation.png"))
-    figs += [str(f.relative_to(reports)) for f in evals if f.exists()]
-    imgs = "\n".join(f'<figure><img src="{html.escape(f)}" alt="{html.escape(figure_alt(reports / f, reports))}" '
-                     f'style="max-width:100%"><figcaption>{html.escape(figure_alt(reports / f, reports))} '
-                     f'(<code>{html.escape(f)}</code>)</figcaption></figure>' for f in figs)
-    summary = (reports / "summary.md").read_text() if (reports / "summary.md").exists() else ""
-    body = summary.split("\n", 1)[1] if summary.startswith("# ") else summary
-    for f in REVIEW_FIGURES:  # give the summary's figures their alt text from the PNG titles
-        if (reports / f).exists():
-            body = re.sub(r"!\[[^\]]*\]\(" + re.escape(f) + r"\)",
-                          lambda _, f=f: f"![{figure_alt(reports / f, reports)}]({f})", body)
-    rendered = mistune.create_markdown(plugins=["table"])(body) if body else ""
-    lead = headline(reports)
-    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>HAM10000 ResNets — reports</title>
-<style>body{{font-family:sans-serif;max-width:1100px;margin:2em auto}} table{{border-collapse:collapse;font-size:small}}
-td,th{{border:1px solid #ccc;padding:3px 6px}} img{{max-width:100%}}</style></head><body>
-<h1>HAM10000 ResNets — reports</h1>
-{f'<p class="headline"><b>{html.escape(lead)}</b></p>' if lead else ''}
-<p><b>Research use only; not a diagnostic device.</b></p>
-<h2>Comparison</h2>
-{rendered}
-<h2>Rendered notebooks</h2><ul>{links}</ul>
-<h2>Headline figures</h2>{imgs}
-</body></html>"""
-    path = reports / "index.html"
-    path.write_text(page)
-    return path
-
-
-# nbconvert's lab template ignores an image output's "alt" metadata; this one extends it to write it.
-_ALT_TEMPLATE = r"""{%- extends 'index.html.j2' -%}
-{% block data_png scoped %}
-{%- set alt = output | get_metadata('alt', 'image/png') -%}
-{%- if alt -%}{{ super() | replace('<img ', '<img alt="' ~ (alt | escape_html) ~ '" ', 1) }}{%- else -%}{{ super() }}{%- endif -%}
-{% endblock data_png %}
-{% block data_jpg scoped %}
-{%- set alt = output | get_metadata('alt', 'image/jpeg') -%}
-{%- if alt -%}{{ super() | replace('<img ', '<img alt="' ~ (alt | escape_html) ~ '" ', 1) }}{%- else -%}{{ super() }}{%- endif -%}
-{% endblock data_jpg %}
-"""
-
-
-def add_alt_text(nb) -> int:
-    """Give every image output of a notebook (nbformat node) an alt text: the PNG's title, else "Figure k of
-    section <the markdown heading above it>". Keeps an alt that is already there; returns how many were set."""
-    import base64
-
-    section, count, done = "", {}, 0
-    for cell in nb.cells:
-        if cell.cell_type == "markdown":
-            heading = next((ln.lstrip("#").strip() for ln in cell.source.splitlines() if ln.startswith("#")), None)
-            section = heading or section
-            continue
-        for out in cell.get("outputs", []):
-            for mime in ("image/png", "image/jpeg"):
-                if mime not in out.get("data", {}):
-                    continue
-                md = out.setdefault("metadata", {}).setdefault(mime, {})
-                if md.get("alt"):
-                    continue
-                count[section] = count.get(section, 0) + 1
-                try:
-                    title = png_title(base64.b64decode(out["data"][mime]))
-                except (ValueError, TypeError):
-                    title = None
-                md["alt"] = title or (f"Figure {count[section]} of section “{section}”" if section
-                                      else f"Figure {count[section]}")
-                done += 1
-    return done
-
-
-def render_notebook(ipynb: str | Path, out_dir: str | Path | None = None) -> Path:
-    """Render an executed notebook to HTML (JupyterLab look) with alt text on every figure; returns the path."""
-    import nbformat
-    from jinja2 import DictLoader
-    from nbconvert import HTMLExporter
-
-    ipynb = Path(ipynb)
-    nb = nbformat.read(ipynb, as_version=4)
-    add_alt_text(nb)
-    exporter = HTMLExporter(extra_loaders=[DictLoader({"alt_index.html.j2": _ALT_TEMPLATE})],
-                            template_file="alt_index.html.j2")
-    body, _ = exporter.from_notebook_node(nb, resources={"metadata": {"name": ipynb.stem}})
-    out = Path(out_dir or ipynb.parent) / f"{ipynb.stem}.html"
-    out.write_text(body, encoding="utf-8")
-    return out
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description="report utilities: index (reports/index.html), html (render notebooks)")
-    ap.add_argument("command", choices=["index", "html"])
-    ap.add_argument("paths", type=Path, nargs="+", help="index: the reports folder; html: notebook(s), then "
-                                                        "optionally --out-dir")
-    ap.add_argument("--out-dir", type=Path, default=None)
-    args = ap.parse_args(argv)
-    if args.command == "index":
-        print(write_index(args.paths[0]))
-    else:
-        for nb in args.paths:
-            print(render_notebook(nb, args.out_dir))
-
-
-if __name__ == "__main__":
-    main()

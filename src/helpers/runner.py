@@ -179,7 +179,7 @@ def run(argv=None) -> int:
         return 2
     for line in plan.lines:
         print(f"{TAG} {line}", flush=True)
-    from . import report  # heavy (pandas, matplotlib, scikit-learn): only once the run can start
+    from . import pages  # heavy (pandas, matplotlib, scikit-learn): only once the run can start
     stage = make_stage(plan.target, plan.profile)
     if os.environ.get("FRESH"):
         models = config.output_dirs(create=False)["models"] / plan.profile
@@ -207,7 +207,7 @@ def run(argv=None) -> int:
             (stage / "timings.csv").write_text("\n".join(timings) + "\n")
             if out.exists():
                 try:
-                    report.render_notebook(out)
+                    pages.render_notebook(out)
                 except Exception as e:  # a rendering problem must not hide the notebook's own result
                     print(f"{TAG} could not render {out.name} to HTML: {type(e).__name__}: {e}")
             if failure is not None:
@@ -217,7 +217,7 @@ def run(argv=None) -> int:
         return 130
     for f in [*logs.glob("*.ipynb"), *logs.glob("*.log")]:  # the HTML renderings hold the same outputs
         f.unlink()
-    report.write_index(stage)
+    pages.write_index(stage)
     try:
         publish(stage, plan.target)
     except RunnerError as e:
