@@ -67,6 +67,24 @@ def test_no_two_helpers_import_each_other_and_no_cycle():
     assert find_cycle(graph) is None
 
 
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+def test_the_reports_side_never_reaches_the_pipeline():
+    # report, review and pages re-make every result from saved files: no path from them to training or the pipeline
+    assert reachable({"a": {"b"}, "b": {"c"}}, "a") == {"b", "c"}
+    graph = import_graph()
+    for module in ("report", "review", "pages"):
+        assert not reachable(graph, module) & {"experiment", "train", "runs", "runner", "preflight"}, module
+
+
 def test_importing_config_loads_neither_runner_nor_preflight():
     code = ("import sys, helpers.config; "
             "print(sorted(m for m in sys.modules if m in ('helpers.runner', 'helpers.preflight', 'helpers.experiment')))")
