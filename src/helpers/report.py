@@ -557,7 +557,8 @@ def write_summary(cfg: dict, comp: dict, reports: Path, review: dict | None = No
     """reports/summary.md: the comparison table (argmax, the recipe rule beside it, the baselines), the paired
     comparisons (argmax; the rule-on block apart; with against without metadata), the seed spread, and with
     ``review`` (``review.review_runs``' result) its sentences and sections (reference standard, subgroups, unit of
-    analysis, per-class recall, decision curve); the data's limits and the provenance. ``table_md`` is what the README's results block shows."""
+    analysis, per-class recall, decision curve); the data's limits and the provenance. ``table_md`` is what the
+    README's results block shows."""
     p = comp["provenance"]
     texts = review["text"] if review else {}
     table_md = (f"Test split of **{p['data']}**, {p['image_size']} input, lesion-grouped 70/15/15 split "
