@@ -2,7 +2,6 @@
 joint branch on synthetic data with and without a signal, and predict / external with and without the columns."""
 from __future__ import annotations
 
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -170,7 +169,7 @@ def test_predict_cli_without_columns_names_them_and_image_only_works(late_model,
     res = run_main("helpers.predict", "--checkpoint", late_model["ckpt"], no_meta, "--out", out, "--image-only")
     assert res.returncode == 0 and "image only" in res.stderr and len(pd.read_csv(out)) == 3
     res = run_main("helpers.predict", "--checkpoint", late_model["ckpt"], no_meta, "--out", out,
-                  "--metadata", late_model["metadata"])
+                   "--metadata", late_model["metadata"])
     assert res.returncode == 0 and "late fusion" in res.stderr
 
 

@@ -211,7 +211,8 @@ def _with_labels(src: Path, tmp: Path, edit) -> Path:
 def test_dx_label_errors_are_fatal_and_write_nothing(ckpt, dx_set, tmp_path, edit, message, run_main):
     labels = _with_labels(dx_set, tmp_path, edit)
     out = tmp_path / "out"
-    r = run_main("helpers.external", "--checkpoint", ckpt, "--images", dx_set / "images", "--labels", labels, "--out", out, "--device", "cpu")
+    r = run_main("helpers.external", "--checkpoint", ckpt, "--images", dx_set / "images", "--labels", labels,
+                 "--out", out, "--device", "cpu")
     assert r.returncode == 2
     assert message in r.stderr and "nothing was written" in r.stderr
     assert nothing_written(out)

@@ -76,8 +76,8 @@ def test_cli_predicts_good_images_and_names_bad_ones(setup, tmp_path):
 
 def test_cli_exits_2_when_nothing_is_readable(setup, tmp_path, run_main):
     out = tmp_path / "preds.csv"
-    result = run_main("helpers.predict", "--checkpoint", setup["ckpt"], setup["images"] / "truncated.jpg", "--out", out,
-                     "--device", "cpu")
+    result = run_main("helpers.predict", "--checkpoint", setup["ckpt"], setup["images"] / "truncated.jpg",
+                      "--out", out, "--device", "cpu")
     assert result.returncode == 2
     assert "truncated.jpg" in result.stderr
     assert not out.exists()

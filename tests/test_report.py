@@ -363,7 +363,7 @@ def test_fused_twin_appears_and_is_paired_with_its_image_run(study):
 def test_one_run_discovery_and_one_select_metrics():
     ext = (ROOT / "src" / "helpers" / "external.py").read_text()
     assert "run_folders" not in ext and "R.find_runs(" in ext and 'glob("*/run.json")' not in ext
-    for module in ("metrics.py", "report.py"):
+    for module in ("metrics.py", "report.py", "review.py", "pages.py"):
         tree = ast.parse((ROOT / "src" / "helpers" / module).read_text())
         assigned = {t.id for n in ast.walk(tree) if isinstance(n, ast.Assign) for t in n.targets
                     if isinstance(t, ast.Name)}

@@ -142,18 +142,16 @@ def run_notebook(nb: Path, out: Path, params: dict, logs: Path) -> None:
     """One notebook through papermill, in notebooks/, its output streams and papermill's log in ``logs``."""
     import papermill as pm
 
-    log = logs / f"{nb.stem}.papermill.log"
-    handler = logging.FileHandler(log)
+    handler = logging.FileHandler(logs / f"{nb.stem}.papermill.log")
     logger = logging.getLogger("papermill")
     logger.addHandler(handler)
     logger.setLevel(logging.WARNING)
     sys.stderr.flush()
     saved_stderr = os.dup(2)
     try:
-        with open(logs / f"{nb.stem}.log", "w") as stdout, open(logs / f"{nb.stem}.stderr.log", "w") as stderr, \
-                open(log, "a") as kernel_stderr:
-            # The kernel process inherits file descriptor 2: its own warnings go to the log, not the terminal.
-            os.dup2(kernel_stderr.fileno(), 2)
+        with open(logs / f"{nb.stem}.log", "w") as stdout, open(logs / f"{nb.stem}.stderr.log", "w") as stderr:
+            # The kernel process inherits file descriptor 2: its own warnings go to papermill's log, not the terminal.
+            os.dup2(handler.stream.fileno(), 2)
             pm.execute_notebook(nb, out, parameters=params, kernel_name="python3", cwd=project_root() / "notebooks",
                                 progress_bar=False, stdout_file=stdout, stderr_file=stderr)
     finally:
